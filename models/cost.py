@@ -1,0 +1,61 @@
+"""Parameter and FLOP counts as the FocalNet paper reports them.
+
+FLOPs are multiply-adds. Besides the convolutions and linear layers, the paper counts one operation
+per element for each layer norm, each focal level's gating, the global context and the modulation
+(q * modulator); this module follows that convention so the ImageNet table can be checked.
+"""
+from typing import Tuple, Union
+
+import torch.nn as nn
+
+from .focalnet import FocalNet, PatchEmbed
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _conv_out(size: int, conv: nn.Conv2d, patch: int) -> int:
+    size = -(-size // patch) * patch  # inputs are padded up to a multiple of the patch size
+    k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return (size + 2 * p - k) // s + 1
+
+
+def _embed_flops(embed: PatchEmbed, H: int, W: int) -> Tuple[int, int, int]:
+    conv = embed.proj
+    Ho, Wo = _conv_out(H, conv, embed.patch_size), _conv_out(W, conv, embed.patch_size)
+    kh, kw = conv.kernel_size
+    flops = Ho * Wo * conv.out_channels * conv.in_channels * kh * kw
+    if embed.norm is not None:
+        flops += Ho * Wo * conv.out_channels
+    return flops, Ho, Wo
+
+
+def _block_flops(block: nn.Module, N: int) -> int:
+    mod = block.modulation
+    C, L = mod.dim, mod.focal_level
+    flops = 2 * N * C                                   # norm1, norm2
+    flops += N * C * (2 * C + L + 1)                    # f: query, context, gates
+    flops += sum(N * C * (k * k + 1) for k in mod.kernel_sizes)  # depth-wise levels + gating
+    flops += N * C                                      # global context gating
+    flops += N * C * (C + 1)                            # h, then q * modulator
+    flops += N * C * C                                  # proj
+    flops += 2 * N * C * block.mlp.fc1.out_features     # mlp
+    if hasattr(mod, 'ln'):
+        flops += N * C
+    return flops
+
+
+def count_flops(model: FocalNet, img_size: Union[int, Tuple[int, int]] = 224) -> int:
+    """Multiply-adds of one forward pass on an ``img_size`` input, counted as in the paper."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
+    flops, H, W = _embed_flops(model.patch_embed, H, W)
+    for stage in model.layers:
+        flops += sum(_block_flops(block, H * W) for block in stage.blocks)
+        if stage.downsample is not None:
+            f, H, W = _embed_flops(stage.downsample, H, W)
+            flops += f
+    flops += H * W * model.num_features                 # final norm
+    if isinstance(model.head, nn.Linear):
+        flops += model.head.in_features * model.head.out_features
+    return flops

@@ -1,0 +1,174 @@
+"""The model package against the official implementation's reference data."""
+import csv
+import json
+
+import pytest
+import torch
+
+from models import FocalNet, build_model, create_model, list_models
+from models.cost import count_flops, count_params
+
+RELEASES = [
+    'focalnet_tiny_srf', 'focalnet_tiny_lrf', 'focalnet_small_srf', 'focalnet_small_lrf',
+    'focalnet_base_srf', 'focalnet_base_lrf', 'focalnet_tiny_iso', 'focalnet_small_iso',
+    'focalnet_base_iso', 'focalnet_large_fl3', 'focalnet_large_fl4', 'focalnet_xlarge_fl3',
+    'focalnet_xlarge_fl4', 'focalnet_huge_fl3', 'focalnet_huge_fl4',
+]
+CASES = ['srf', 'lrf', 'mixed_levels', 'normalize_modulator', 'large_style', 'large_fl4_style',
+         'huge_style', 'iso', 'iso_base_style', 'non_square_96x64']
+
+
+def case_model(config: dict) -> FocalNet:
+    return FocalNet(
+        img_size=config['IMG_SIZE'], patch_size=config['PATCH_SIZE'],
+        num_classes=config['NUM_CLASSES'], embed_dim=config['EMBED_DIM'], depths=config['DEPTHS'],
+        mlp_ratio=config['MLP_RATIO'], focal_levels=config['FOCAL_LEVELS'],
+        focal_windows=config['FOCAL_WINDOWS'], use_conv_embed=config['USE_CONV_EMBED'],
+        use_layerscale=config['USE_LAYERSCALE'], use_postln=config['USE_POSTLN'],
+        use_postln_in_modulation=config['USE_POSTLN_IN_MODULATION'],
+        normalize_modulator=config['NORMALIZE_MODULATOR'], drop_path_rate=0.)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny(name, **kw):
+    """A released architecture shrunk for CPU tests: same options, fewer and narrower blocks."""
+    depths = (1,) if name.endswith('_iso') else (1, 1, 2, 1)
+    return create_model(name, embed_dim=16, depths=depths, num_classes=5, **kw)
+
+
+def test_registry_lists_the_fifteen_releases():
+    assert sorted(RELEASES) == list_models()
+
+
+def test_unknown_name_is_named():
+    with pytest.raises(ValueError, match='focalnet_tiny_xyz'):
+        create_model('focalnet_tiny_xyz')
+
+
+@pytest.mark.parametrize('name', RELEASES)
+def test_release_key_layout(name, reference):
+    with torch.device('meta'):
+        model = create_model(name)
+    expected = []
+    for line in (reference / 'official_state_dict_keys' / f'{name}.txt').read_text().splitlines():
+        key, shape = line.split('\t')
+        expected.append((key, json.loads(shape)))
+    got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert got == expected
+    summary = json.loads((reference / 'official_state_dict_keys' / 'summary.json').read_text())
+    assert count_params(model) == summary[name]['num_params']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_reference_case(case, reference):
+    data = torch.load(reference / 'cases' / f'{case}.pt', weights_only=True)
+    model = case_model(data['config']).eval()
+    model.load_state_dict(data['state_dict'], strict=True)
+    with torch.no_grad():
+        logits, maps = model.modulation_maps(data['input'])
+        pooled = model.forward_head(model.forward_features(data['input']), pre_logits=True)
+        plain = model(data['input'])
+    (last,) = maps.values()
+    assert rel_err(logits, data['logits']) < 1e-5
+    assert rel_err(plain, data['logits']) < 1e-5
+    assert rel_err(pooled, data['pooled_features']) < 1e-5
+    assert rel_err(last['gates'], data['last_block_gates']) < 1e-5
+    assert rel_err(last['modulator'], data['last_block_modulator']) < 1e-5
+
+
+@pytest.mark.parametrize('name', RELEASES)
+def test_forward_backward_every_parameter(name):
+    model = tiny(name, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    out.square().sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize('name', ['focalnet_tiny_srf', 'focalnet_huge_fl4', 'focalnet_base_iso'])
+def test_gradient_checkpointing_changes_nothing(name):
+    model = tiny(name).train()
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path masks in both passes
+        out = model(x)
+        out.sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for n in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][n], grads[1][1][n], msg=n)
+
+
+def test_non_square_and_padded_inputs():
+    model = tiny('focalnet_tiny_srf').eval()
+    for h, w in [(96, 64), (70, 90)]:
+        feats = model.forward_intermediates(torch.randn(1, 3, h, w))
+        assert [f.shape[1] for f in feats] == [16, 32, 64, 128]
+        assert feats[0].shape[-2:] == (-(-h // 4), -(-w // 4))
+
+
+def test_intermediates_match_forward():
+    model = tiny('focalnet_small_lrf').eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_intermediates(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    pooled = model.norm(feats[-1].permute(0, 2, 3, 1)).mean((1, 2))
+    torch.testing.assert_close(model.head(pooled), model(x))
+
+
+def test_modulation_maps_any_block_and_nothing_kept():
+    model = tiny('focalnet_tiny_lrf').eval()
+    x = torch.randn(2, 3, 64, 64)
+    logits, maps = model.modulation_maps(x, blocks=[(0, 0), (2, -1)])
+    assert set(maps) == {(0, 0), (2, 1)}
+    assert maps[(0, 0)]['gates'].shape == (2, 4, 16, 16)
+    assert maps[(2, 1)]['modulator'].shape == (2, 64, 4, 4)
+    torch.testing.assert_close(logits, model(x))
+    for module in model.modules():
+        assert not any(isinstance(v, torch.Tensor) for k, v in vars(module).items()
+                       if k not in ('_parameters', '_buffers'))
+    with pytest.raises(IndexError, match='stage 4'):
+        model.modulation_maps(x, blocks=[(4, 0)])
+
+
+def test_no_weight_decay_and_reset_classifier():
+    model = tiny('focalnet_large_fl3')
+    nwd = model.no_weight_decay()
+    assert nwd and all(n.endswith(('gamma_1', 'gamma_2')) for n in nwd)
+    assert tiny('focalnet_tiny_srf').no_weight_decay() == set()
+    model.reset_classifier(7)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    model.reset_classifier(0)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 128)
+
+
+def test_overrides_reach_the_model():
+    model = create_model('focalnet_tiny_srf', embed_dim=32, depths=(1, 1, 1, 1), focal_levels=(1, 2, 3, 4),
+                         focal_windows=(7, 5, 3, 1), use_layerscale=True, num_classes=3)
+    assert model.num_features == 256
+    assert [s.blocks[0].modulation.kernel_sizes for s in model.layers] == [[7], [5, 7], [3, 5, 7], [1, 3, 5, 7]]
+    assert model.layers[0].blocks[0].gamma_1 is not None
+    with pytest.raises(ValueError, match='focal_levels'):
+        create_model('focalnet_tiny_srf', focal_levels=(2, 2))
+
+
+def test_table_cost_columns(reference):
+    """Parameters and FLOPs of the nine ImageNet-1K models as the paper prints them (one decimal)."""
+    for row in csv.DictReader((reference / 'imagenet1k_table.csv').open()):
+        with torch.device('meta'):
+            model = create_model(row['config'])
+        params = count_params(model)
+        if row['config'] == 'focalnet_base_iso':
+            # The paper counted the official builder's model, which lacks the modulation layer norms
+            # that the released weights carry (12 blocks x 2 x 768).
+            params -= 12 * 2 * 768
+        assert round(params / 1e6, 1) == float(row['params_m']), row['config']
+        assert round(count_flops(model) / 1e9, 1) == float(row['gflops']), row['config']
