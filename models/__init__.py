@@ -1,2 +1,3 @@
 from .focalnet import FocalModulation, FocalNet, FocalNetBlock
 from .registry import build_model, create_model, list_models, model_kwargs_from_config
+from .pretrained import CheckpointError, convert_state_dict, load_pretrained, read_state_file
