@@ -1,0 +1,362 @@
+"""Every setting of a training or evaluation run, with its default.
+
+Merge order: these defaults, a YAML file (its ``BASE`` files first), ``--opts KEY VALUE`` pairs, then
+the named command-line flags. The result is frozen. The defaults are the paper's ImageNet-1K recipe
+for FocalNet-T (SRF); a file in configs/ holds only what differs for its model.
+"""
+import os
+from typing import Iterable, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from errors import UserError
+
+_C = CN()
+# Files merged before this one, relative to it.
+_C.BASE = ['']
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+_C.DATA = CN()
+# Images per process and step (the global batch is this times the number of processes).
+_C.DATA.BATCH_SIZE = 128
+# Root of the data set: train/ and val/ folders, or train.zip, val.zip and their map files.
+_C.DATA.DATA_PATH = ''
+# 'imagenet' (ImageFolder train/ and val/), 'folder' (any such tree), 'fake' (synthetic images).
+_C.DATA.DATASET = 'imagenet'
+# Training and evaluation resolution.
+_C.DATA.IMG_SIZE = 224
+# Resize interpolation: 'bicubic', 'bilinear' or 'random' (training only).
+_C.DATA.INTERPOLATION = 'bicubic'
+# Read the official zipped layout (train.zip, val.zip, train_map.txt, val_map.txt).
+_C.DATA.ZIP_MODE = False
+# Accepted for the official command line ('no', 'part', 'full'); images are read from the zip lazily.
+_C.DATA.CACHE_MODE = 'part'
+# Pin host memory in the loader, for faster copies to the GPU.
+_C.DATA.PIN_MEMORY = True
+# Loader worker processes per training process.
+_C.DATA.NUM_WORKERS = 8
+# An unreadable image (truncated, not an image) stops the run, naming the file; True skips such
+# files instead (a training image is replaced by the next readable one) and logs which and how many.
+_C.DATA.SKIP_CORRUPT = False
+# Training images of the 'fake' data set (its validation set is a quarter of this).
+_C.DATA.FAKE_SIZE = 1024
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+# Architecture family; 'focal' (the official name) and the registered model names are accepted.
+_C.MODEL.TYPE = 'focalnet'
+# Run name: the output folder is <OUTPUT>/<NAME>/<TAG>.
+_C.MODEL.NAME = 'focalnet_tiny_srf'
+# Released weights to fine-tune from (any layout models.load_pretrained reads).
+_C.MODEL.PRETRAINED = ''
+# Checkpoint to resume training from, or to evaluate.
+_C.MODEL.RESUME = ''
+# Classes of the classifier; 'imagenet' and 'folder' data sets set it from the data.
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout before the classifier and inside the blocks.
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic depth at the last block (0.2 / 0.3 / 0.5 for tiny / small / base in the paper).
+_C.MODEL.DROP_PATH_RATE = 0.2
+# Label smoothing (folded into the mixup targets when mixup or cutmix is on).
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+# The architecture (read by models.registry.model_kwargs_from_config).
+_C.MODEL.FOCAL = CN()
+_C.MODEL.FOCAL.PATCH_SIZE = 4
+_C.MODEL.FOCAL.IN_CHANS = 3
+# Width of the first stage; each later stage doubles it.
+_C.MODEL.FOCAL.EMBED_DIM = 96
+_C.MODEL.FOCAL.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.FOCAL.MLP_RATIO = 4.0
+_C.MODEL.FOCAL.PATCH_NORM = True
+# Per stage: number of focal levels, smallest kernel, kernel growth per level.
+_C.MODEL.FOCAL.FOCAL_LEVELS = [2, 2, 2, 2]
+_C.MODEL.FOCAL.FOCAL_WINDOWS = [3, 3, 3, 3]
+_C.MODEL.FOCAL.FOCAL_FACTORS = [2, 2, 2, 2]
+# Overlapping stem and downsamplers (the large models).
+_C.MODEL.FOCAL.USE_CONV_EMBED = False
+_C.MODEL.FOCAL.USE_LAYERSCALE = False
+_C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
+_C.MODEL.FOCAL.USE_POSTLN = False
+_C.MODEL.FOCAL.USE_POSTLN_IN_MODULATION = False
+_C.MODEL.FOCAL.NORMALIZE_MODULATOR = False
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+_C.TRAIN = CN()
+# First epoch; set from the checkpoint when resuming.
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rates for a global batch of 512; scaled linearly with the global batch and with
+# gradient accumulation (config.lr_scale).
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+# Clip the gradient norm to this (0 turns clipping off).
+_C.TRAIN.CLIP_GRAD = 5.0
+# Continue from the newest checkpoint in the output folder.
+_C.TRAIN.AUTO_RESUME = True
+# Micro-batches per optimizer step (0 and 1 both mean none).
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Recompute block activations in the backward pass to save memory.
+_C.TRAIN.USE_CHECKPOINT = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+# 'cosine', 'linear' or 'step'; updated every optimizer step.
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# 'step' only: epochs between decays, and the factor.
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+
+_C.TRAIN.OPTIMIZER = CN()
+# 'adamw' or 'sgd'.
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# 'sgd' only.
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# Exponential moving average of the weights, evaluated alongside the model when on.
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLED = False
+_C.TRAIN.EMA.DECAY = 0.9998
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation (training only)
+# ---------------------------------------------------------------------------------------------------
+_C.AUG = CN()
+# Colour jitter strength (0 turns it off; unused when AUTO_AUGMENT is set, as in timm).
+_C.AUG.COLOR_JITTER = 0.4
+# timm auto-augment policy, or 'none'.
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+# Probability of a horizontal flip (0 for data where left and right differ, such as digits).
+_C.AUG.HFLIP = 0.5
+# Random erasing: probability, mode and count.
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = 'pixel'
+_C.AUG.RECOUNT = 1
+# Mixup and cutmix alphas (0 turns each off).
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+# Cutmix box ratio bounds; overrides CUTMIX when set.
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of applying mixup or cutmix to a batch, and of choosing cutmix when both are on.
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# Mixup parameters drawn per 'batch', 'pair' or 'elem'.
+_C.AUG.MIXUP_MODE = 'batch'
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Resize to IMG_SIZE * 256 / 224 and centre-crop (else resize straight to IMG_SIZE).
+_C.TEST.CROP = True
+
+# ---------------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------------
+# Mixed precision: 'O0' turns it off; anything else uses torch.amp on CUDA (bfloat16 where the GPU
+# supports it, else float16 with a gradient scaler). The CPU always runs in float32.
+_C.AMP_OPT_LEVEL = 'O1'
+# Root of the outputs; a run writes to <OUTPUT>/<MODEL.NAME>/<TAG>.
+_C.OUTPUT = 'output'
+_C.TAG = 'default'
+# Save a checkpoint every SAVE_FREQ epochs, and after the last.
+_C.SAVE_FREQ = 1
+# Keep only the newest SAVE_KEEP checkpoints in the output folder (0 keeps all).
+_C.SAVE_KEEP = 0
+# Seconds a distributed collective waits for the other processes before failing (a process that died
+# or hangs then takes the job down instead of leaving the others waiting).
+_C.DIST_TIMEOUT = 1800
+# Log every PRINT_FREQ steps.
+_C.PRINT_FREQ = 100
+_C.SEED = 0
+# Set by --eval and --throughput.
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+
+_ARCH_NAMES = None  # the registered model names, read on first use
+
+
+def defaults() -> CN:
+    return _C.clone()
+
+
+def _registered_names():
+    global _ARCH_NAMES
+    if _ARCH_NAMES is None:
+        from models import list_models
+        _ARCH_NAMES = set(list_models())
+    return _ARCH_NAMES
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f'config file not found: {path}')
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f'config file {path} is not valid YAML: {e}') from None
+    if not isinstance(data, dict):
+        raise UserError(f'config file {path} must hold a mapping of keys, not {type(data).__name__}')
+    return data
+
+
+def _normalise_official(data: dict) -> dict:
+    """Accept what the official YAML files write: MODEL.TYPE set to the model's name, and
+    ``MODEL.PRETRAINED: True`` (a note that the weights came from pre-training, not a path)."""
+    model = data.get('MODEL')
+    if isinstance(model, dict):
+        if isinstance(model.get('PRETRAINED'), bool):
+            model.pop('PRETRAINED')
+        if isinstance(model.get('TYPE'), str) and model['TYPE'] in _registered_names():
+            model['TYPE'] = 'focalnet'
+    return data
+
+
+def _merge_file(config: CN, path: str, seen: tuple = ()):
+    if os.path.abspath(path) in seen:
+        raise UserError(f'config file {path} includes itself through BASE')
+    data = _read_yaml(path)
+    for base in data.pop('BASE', None) or []:
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
+    _merge(config, CN(_normalise_official(data)), f'config file {path}')
+
+
+def _merge(config: CN, other: CN, where: str):
+    try:
+        config.merge_from_other_cfg(other)
+    except KeyError as e:
+        # yacs says "Non-existent config key: X"
+        raise UserError(f'unknown config key in {where}: {str(e).strip(chr(39)).split(": ")[-1]}') from None
+    except ValueError as e:
+        raise UserError(f'bad value in {where}: {e}') from None
+
+
+def _merge_opts(config: CN, opts: Sequence[str]):
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
+    for key, value in zip(opts[0::2], opts[1::2]):
+        node = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            if not isinstance(node.get(p), CN):
+                raise UserError(f'unknown config key in --opts: {key}')
+            node = node[p]
+        if leaf not in node:
+            raise UserError(f'unknown config key in --opts: {key}')
+        if key in ('MODEL.TYPE',) and value in _registered_names():
+            value = 'focalnet'
+        try:
+            config.merge_from_list([key, value])
+        except (ValueError, AssertionError) as e:
+            raise UserError(f'bad value for {key} in --opts: {e}') from None
+
+
+def _check(config: CN):
+    choices = {
+        'DATA.DATASET': ('imagenet', 'folder', 'fake'),
+        'MODEL.TYPE': ('focalnet', 'focal'),
+        'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+        'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+        'DATA.CACHE_MODE': ('no', 'part', 'full'),
+        'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    }
+    for key, allowed in choices.items():
+        node = config
+        for p in key.split('.'):
+            node = node[p]
+        if node not in allowed:
+            raise UserError(f'{key} must be one of {", ".join(allowed)}; got {node!r}')
+    focal = config.MODEL.FOCAL
+    for key in ('FOCAL_LEVELS', 'FOCAL_WINDOWS', 'FOCAL_FACTORS'):
+        if len(focal[key]) != len(focal.DEPTHS):
+            raise UserError(f'MODEL.FOCAL.{key} has {len(focal[key])} entries but MODEL.FOCAL.DEPTHS '
+                            f'{list(focal.DEPTHS)} has {len(focal.DEPTHS)} stages; give one per stage')
+    if config.DATA.BATCH_SIZE < 1:
+        raise UserError(f'DATA.BATCH_SIZE must be positive; got {config.DATA.BATCH_SIZE}')
+    if config.TRAIN.EPOCHS < 1:
+        raise UserError(f'TRAIN.EPOCHS must be positive; got {config.TRAIN.EPOCHS}')
+
+
+def _set(config: CN, key: str, value):
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def load_config(cfg_path: Optional[str] = None, opts: Iterable[str] = (),
+                overrides: Optional[dict] = None) -> CN:
+    """Defaults, then the YAML file at ``cfg_path`` (with its BASE files), then ``opts`` (KEY VALUE
+    strings), then ``overrides`` (KEY: value, already typed); checked and frozen."""
+    config = defaults()
+    if cfg_path:
+        _merge_file(config, cfg_path)
+    _merge_opts(config, opts or ())
+    for key, value in (overrides or {}).items():
+        _set(config, key, value)
+    _check(config)
+    config.freeze()
+    return config
+
+
+# Named flags of main.py and the keys they set.
+_FLAGS = {
+    'batch_size': 'DATA.BATCH_SIZE',
+    'data_path': 'DATA.DATA_PATH',
+    'dataset': 'DATA.DATASET',
+    'zip': 'DATA.ZIP_MODE',
+    'cache_mode': 'DATA.CACHE_MODE',
+    'resume': 'MODEL.RESUME',
+    'pretrained': 'MODEL.PRETRAINED',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
+    'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
+    'amp_opt_level': 'AMP_OPT_LEVEL',
+    'output': 'OUTPUT',
+    'tag': 'TAG',
+    'eval': 'EVAL_MODE',
+    'throughput': 'THROUGHPUT_MODE',
+}
+
+
+def get_config(args) -> CN:
+    """The final config of a main.py run: ``load_config`` plus the named flags given in ``args``
+    (a flag left out, None or False, keeps the config's value)."""
+    overrides = {key: getattr(args, attr) for attr, key in _FLAGS.items()
+                 if getattr(args, attr, None) not in (None, False)}
+    return load_config(args.cfg, args.opts or (), overrides)
+
+
+def with_num_classes(config: CN, num_classes: int) -> CN:
+    """The config with MODEL.NUM_CLASSES set to what the data set holds."""
+    if config.MODEL.NUM_CLASSES == num_classes:
+        return config
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = num_classes
+    config.freeze()
+    return config
+
+
+def lr_scale(config: CN, world_size: int) -> float:
+    """Factor applied to BASE_LR, WARMUP_LR and MIN_LR: the global batch per optimizer step over 512."""
+    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
+    return config.DATA.BATCH_SIZE * world_size * accumulation / 512.0
+
+
+def output_dir(config: CN) -> str:
+    return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)

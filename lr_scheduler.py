@@ -1,0 +1,29 @@
+"""Per-step learning-rate schedules from timm: linear warm-up, then cosine, linear or step decay.
+
+The schedule counts optimizer steps (micro-batches / accumulation), so ``scheduler.step_update(t)``
+sets the rate of step t, and a resumed run needs no scheduler state to continue it.
+"""
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+
+
+def build_scheduler(config, optimizer, steps_per_epoch: int, lr_scale: float = 1.0) -> Scheduler:
+    """``steps_per_epoch`` counts optimizer steps. The peak rate is the optimizer's (TRAIN.BASE_LR
+    scaled); WARMUP_LR and MIN_LR are scaled by the same ``lr_scale``."""
+    train = config.TRAIN
+    name = train.LR_SCHEDULER.NAME
+    total = int(train.EPOCHS * steps_per_epoch)
+    warmup = int(train.WARMUP_EPOCHS * steps_per_epoch)
+    warmup_lr, min_lr = train.WARMUP_LR * lr_scale, train.MIN_LR * lr_scale
+    common = dict(warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
+    if name == 'cosine':
+        return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min_lr,
+                                 cycle_limit=1, **common)
+    if name == 'linear':
+        # A polynomial decay of power 1 is a straight line from the peak to MIN_LR.
+        return PolyLRScheduler(optimizer, t_initial=max(1, total - warmup), power=1.0, lr_min=min_lr,
+                               cycle_limit=1, **common)
+    if name == 'step':
+        return StepLRScheduler(optimizer, decay_t=int(train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch),
+                               decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
+    raise ValueError(f'unknown TRAIN.LR_SCHEDULER.NAME {name!r}; expected cosine, linear or step')
