@@ -15,9 +15,25 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, trunc_normal_
 
+from .fused import fused_aggregate, fused_available
+
 __all__ = ['FocalModulation', 'FocalNetBlock', 'PatchEmbed', 'FocalNetStage', 'FocalNet']
 
 BlockId = Tuple[int, int]  # (stage index, block index within the stage)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A linear layer over the channels of a (B, H, W, C) tensor.
+
+    On the CPU it runs as a 1x1 convolution over the channels-last view of the same memory: oneDNN's
+    convolution is faster there than the BLAS matrix product behind F.linear, forward and backward
+    (1.5-1.7x for the whole model; see benchmarks/). Elsewhere F.linear, which cuBLAS serves best.
+    """
+    if x.device.type != 'cpu' or x.dim() != 4:
+        return F.linear(x, weight.flatten(1), bias)
+    if weight.dim() == 2:
+        weight = weight[:, :, None, None]
+    return F.conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
 
 
 class Mlp(nn.Module):
@@ -29,7 +45,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.drop(self.act(pointwise(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(pointwise(x, self.fc2.weight, self.fc2.bias))
 
 
 class FocalModulation(nn.Module):
@@ -45,8 +62,8 @@ class FocalModulation(nn.Module):
         self.kernel_sizes = [focal_factor * k + focal_window for k in range(focal_level)]
 
         self.f = nn.Linear(dim, 2 * dim + focal_level + 1)
-        # A 1x1 convolution in the released weights; applied as a linear layer on the channels-last
-        # tensor, which is the same arithmetic without a layout change.
+        # A 1x1 convolution in the released weights; like the linear layers it is applied by
+        # pointwise() to the (B, H, W, C) tensor, the same arithmetic without a layout change.
         self.h = nn.Conv2d(dim, dim, kernel_size=1)
         self.act = nn.GELU()
         self.proj = nn.Linear(dim, dim)
@@ -60,15 +77,22 @@ class FocalModulation(nn.Module):
         )
         if use_postln_in_modulation:
             self.ln = nn.LayerNorm(dim)
+        # On CUDA with FOCALNET_FUSED=1, modulate() aggregates with the Triton kernels of
+        # models/fused.py; aggregate() is the plain reference, and the default path.
+        # FocalNet.set_fused_aggregation(False) keeps a model on the plain path.
+        self.fused = True
 
     def aggregate(self, ctx: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Gated hierarchical context: ctx (B, C, H, W) and gates (B, L + 1, H, W), both NCHW views."""
-        ctx_all = 0
+        # The running sum is updated in place (one pass per term): backward needs none of its values.
+        ctx_all = None
         for level, layer in enumerate(self.focal_layers):
             ctx = layer(ctx)
-            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+            gate = gates[:, level:level + 1]
+            ctx_all = ctx * gate if ctx_all is None else ctx_all.addcmul_(ctx, gate)
         ctx_global = self.act(ctx.mean((2, 3), keepdim=True))
-        ctx_all = ctx_all + ctx_global * gates[:, self.focal_level:]
+        gate = gates[:, self.focal_level:]
+        ctx_all = ctx_global * gate if ctx_all is None else ctx_all.addcmul_(ctx_global, gate)
         if self.normalize_modulator:
             ctx_all = ctx_all / (self.focal_level + 1)
         return ctx_all
@@ -76,17 +100,24 @@ class FocalModulation(nn.Module):
     def modulate(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (output, gates, modulator); gates (B, L + 1, H, W), modulator (B, H, W, C)."""
         C = x.shape[-1]
-        q, ctx, gates = torch.split(self.f(x), (C, C, self.focal_level + 1), dim=-1)
+        q, ctx, gates = torch.split(pointwise(x, self.f.weight, self.f.bias),
+                                    (C, C, self.focal_level + 1), dim=-1)
         gates = gates.permute(0, 3, 1, 2)
-        # channels_last keeps the NCHW view over (B, H, W, C) memory, so the depth-wise convolutions
-        # need no transposed copy.
-        ctx = ctx.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-        ctx_all = self.aggregate(ctx, gates).permute(0, 2, 3, 1)
-        modulator = F.linear(ctx_all, self.h.weight.view(C, C), self.h.bias)
+        ctx = ctx.permute(0, 3, 1, 2)
+        if self.fused and fused_available(ctx):
+            # Reads the strided slice in place.
+            ctx_all = fused_aggregate(ctx, gates, [layer[0].weight for layer in self.focal_layers],
+                                      self.normalize_modulator)
+        else:
+            # channels_last keeps the NCHW view over (B, H, W, C) memory, so the depth-wise
+            # convolutions need no transposed copy.
+            ctx_all = self.aggregate(ctx.contiguous(memory_format=torch.channels_last), gates)
+        ctx_all = ctx_all.permute(0, 2, 3, 1)
+        modulator = pointwise(ctx_all, self.h.weight, self.h.bias)
         out = q * modulator
         if hasattr(self, 'ln'):
             out = self.ln(out)
-        out = self.proj_drop(self.proj(out))
+        out = self.proj_drop(pointwise(out, self.proj.weight, self.proj.bias))
         return out, gates, modulator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +191,9 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             x = F.pad(x, (0, (p - W % p) % p, 0, (p - H % p) % p))
-        x = self.proj(x).permute(0, 2, 3, 1)
+        # A channels-last input gives a channels-last output, whose (B, H, W, C) view is contiguous
+        # for the norm (a no-op for the downsamplers, whose input already is).
+        x = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         return x if self.norm is None else self.norm(x)
 
 
@@ -293,6 +326,13 @@ class FocalNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         for stage in self.layers:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fused_aggregation(self, enable: bool = True):
+        """Whether CUDA runs may use the Triton context aggregation (models/fused.py; FOCALNET_FUSED=1)."""
+        for module in self.modules():
+            if isinstance(module, FocalModulation):
+                module.fused = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
