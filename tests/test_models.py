@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from models import FocalNet, build_model, create_model, list_models
+from conftest import ROOT
+
+from models import FocalNet, FocalNetBlock, build_model, create_model, list_models
 from models.cost import count_flops, count_params
 
 RELEASES = [
@@ -172,3 +174,33 @@ def test_table_cost_columns(reference):
             params -= 12 * 2 * 768
         assert round(params / 1e6, 1) == float(row['params_m']), row['config']
         assert round(count_flops(model) / 1e9, 1) == float(row['gflops']), row['config']
+
+
+@pytest.mark.parametrize('name', RELEASES)
+def test_release_config_builds_the_release(name):
+    """configs/<name>.yaml alone determines the network: the same architecture as create_model(name)."""
+    from config import load_config
+    config = load_config(str(ROOT / 'configs' / f'{name}.yaml'))
+    with torch.device('meta'):
+        from_config, from_registry = build_model(config), create_model(name)
+    assert config.MODEL.NAME == name
+    assert [(k, v.shape) for k, v in from_config.state_dict().items()] == \
+        [(k, v.shape) for k, v in from_registry.state_dict().items()]
+    for a, b in zip(from_config.modules(), from_registry.modules()):
+        assert type(a) is type(b)
+        if isinstance(a, FocalNetBlock):
+            assert (a.use_postln, a.modulation.normalize_modulator, a.modulation.kernel_sizes) == \
+                (b.use_postln, b.modulation.normalize_modulator, b.modulation.kernel_sizes)
+
+
+def test_config_overrides_reach_the_model():
+    from config import load_config
+    config = load_config(str(ROOT / 'configs' / 'focalnet_tiny_srf.yaml'), opts=[
+        'MODEL.FOCAL.EMBED_DIM', '32', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]',
+        'MODEL.FOCAL.FOCAL_LEVELS', '[1, 2, 3, 4]', 'MODEL.FOCAL.USE_LAYERSCALE', 'True',
+        'MODEL.FOCAL.NORMALIZE_MODULATOR', 'True', 'MODEL.NUM_CLASSES', '7'])
+    model = build_model(config)
+    assert model.num_features == 256 and model.head.out_features == 7
+    assert [s.blocks[0].modulation.focal_level for s in model.layers] == [1, 2, 3, 4]
+    assert model.layers[0].blocks[0].gamma_1 is not None
+    assert model.layers[0].blocks[0].modulation.normalize_modulator

@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from models import FocalNet, create_model, list_models  # noqa: E402
 from models.cost import count_flops, count_params  # noqa: E402
+from models.pretrained import to_hf  # noqa: E402
 
 TABLE_MODELS = [
     'focalnet_tiny_srf', 'focalnet_tiny_lrf', 'focalnet_small_srf', 'focalnet_small_lrf',
@@ -241,29 +241,6 @@ class HFLogits(nn.Module):
         return self.model(pixel_values=x).logits
 
 
-def hf_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The official layout renamed to transformers' FocalNetForImageClassification."""
-    rules = [
-        (r'^patch_embed\.proj\.', 'focalnet.embeddings.patch_embeddings.projection.'),
-        (r'^patch_embed\.norm\.', 'focalnet.embeddings.norm.'),
-        (r'^layers\.(\d+)\.blocks\.(\d+)\.', r'focalnet.encoder.stages.\1.layers.\2.'),
-        (r'^layers\.(\d+)\.downsample\.proj\.', r'focalnet.encoder.stages.\1.downsample.projection.'),
-        (r'^layers\.(\d+)\.downsample\.norm\.', r'focalnet.encoder.stages.\1.downsample.norm.'),
-        (r'\.modulation\.f\.', '.modulation.projection_in.'),
-        (r'\.modulation\.h\.', '.modulation.projection_context.'),
-        (r'\.modulation\.proj\.', '.modulation.projection_out.'),
-        (r'\.modulation\.ln\.', '.modulation.layernorm.'),
-        (r'^norm\.', 'focalnet.layernorm.'),
-        (r'^head\.', 'classifier.'),
-    ]
-    out = {}
-    for k, v in state.items():
-        for pattern, repl in rules:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
-
-
 def hf_twin(model: FocalNet, drop_path_rate: float) -> nn.Module:
     from transformers import FocalNetConfig, FocalNetForImageClassification
     a = architecture(model)
@@ -278,7 +255,7 @@ def hf_twin(model: FocalNet, drop_path_rate: float) -> nn.Module:
         normalize_modulator=a['normalize_modulator'], num_labels=a['num_classes'],
         drop_path_rate=drop_path_rate, hidden_dropout_prob=0.)
     twin = FocalNetForImageClassification(config)
-    twin.load_state_dict(hf_state_dict(model.state_dict()), strict=True)
+    twin.load_state_dict(to_hf(model.state_dict()), strict=True)
     return HFLogits(twin)
 
 
