@@ -285,16 +285,22 @@ def make_model(config) -> nn.Module:
         raise UserError(f'the config does not describe a valid FocalNet: {e}') from None
 
 
-def match_grad_layout(model: nn.Module) -> nn.Module:
-    """Give the depth-wise kernels the channels-last strides their gradients have (the model runs its
-    depth-wise convolutions channels-last), so DistributedDataParallel's buckets need no copies. With
-    one input channel per group both layouts order the memory the same way: nothing else changes."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
-            w = m.weight.data
-            # .contiguous(memory_format=...) keeps the strides of a one-channel dimension as they are
-            m.weight.data = torch.empty_strided(w.shape, (w.stride(0), 1, w.shape[3], 1),
-                                                dtype=w.dtype, device=w.device).copy_(w)
+def match_grad_layout(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give every parameter the strides its gradient gets, so DistributedDataParallel's buckets need
+    no copies (and it does not warn). The model runs its convolutions on channels-last memory, so the
+    depth-wise and 1x1 kernels get channels-last gradients, whose strides differ from the defaults only
+    in dimensions of size one; which ones differ depends on the device. One backward pass on a small
+    input, in eval mode (no random draws), tells; only the strides change, never a value."""
+    in_chans = model.patch_embed.proj.in_channels
+    size = model.img_size if isinstance(model.img_size, (tuple, list)) else (model.img_size,) * 2
+    model.eval()
+    # A batch of two at the training size: with a batch or a map of one, layouts are ambiguous.
+    model(torch.zeros(2, in_chans, *size, device=device)).float().sum().backward()
+    for p in model.parameters():
+        if p.grad is not None and p.grad.stride() != p.stride():
+            p.data = torch.empty_strided(p.shape, p.grad.stride(), dtype=p.dtype,
+                                         device=p.device).copy_(p.data)
+    model.zero_grad(set_to_none=True)
     return model
 
 
@@ -328,7 +334,9 @@ def run(args) -> int:
     logger.info(f'config:\n{config.dump()}')
 
     seed_everything(config.SEED)  # the same initial weights in every process
-    model = match_grad_layout(make_model(config)).to(device)
+    model = make_model(config).to(device)
+    if is_distributed():
+        model = match_grad_layout(model, device)
     logger.info(f'{config.MODEL.NAME}: {count_params(model) / 1e6:.2f}M parameters, '
                 f'{count_flops(model, config.DATA.IMG_SIZE) / 1e9:.2f} GFLOPs at {config.DATA.IMG_SIZE} px')
     dtype = amp_dtype(config, device)

@@ -29,11 +29,12 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     convolution is faster there than the BLAS matrix product behind F.linear, forward and backward
     (1.5-1.7x for the whole model; see benchmarks/). Elsewhere F.linear, which cuBLAS serves best.
     """
+    # Through a (out, in) view, the gradient of a 1x1 convolution's weight comes back with the
+    # default strides, as DistributedDataParallel expects, instead of oneDNN's channels-last ones.
+    weight = weight.flatten(1)
     if x.device.type != 'cpu' or x.dim() != 4:
-        return F.linear(x, weight.flatten(1), bias)
-    if weight.dim() == 2:
-        weight = weight[:, :, None, None]
-    return F.conv2d(x.permute(0, 3, 1, 2), weight, bias).permute(0, 2, 3, 1)
+        return F.linear(x, weight, bias)
+    return F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias).permute(0, 2, 3, 1)
 
 
 class Mlp(nn.Module):
