@@ -33,10 +33,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def init_distributed(local_rank: Optional[int] = None, timeout_s: float = 1800) -> torch.device:
     """Join the process group when a launcher started this process (RANK in the environment); return
     the device this process computes on. NCCL on CUDA, gloo on the CPU. A collective that waits longer
@@ -232,14 +228,15 @@ def prune_checkpoints(output_dir: str, keep: int, newest: int):
         logger.info(f'removed {path} (SAVE_KEEP {keep})')
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, *, mmap: bool = False) -> dict:
     """The checkpoint's contents, read with torch.load(weights_only=True): nothing in it is executed.
-    Official training checkpoints (whose config is a pickled yacs node) are read too."""
+    Official training checkpoints (whose config is a pickled yacs node) are read too. ``mmap`` maps
+    the tensors instead of reading them (they stay tied to the file: only for a look)."""
     from models.pretrained import CheckpointError, read_state_file
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
     try:
-        return read_state_file(path, map_location='cpu')
+        return read_state_file(path, map_location='cpu', mmap=mmap)
     except CheckpointError as e:  # truncated, foreign or code-carrying: the message says which
         raise UserError(str(e)) from None
 
@@ -289,7 +286,7 @@ def auto_resume_file(output_dir: str) -> Optional[str]:
     weights-only load refuses, is passed over with a warning in favour of the one before."""
     for _, path in _checkpoints(output_dir):
         try:
-            read_checkpoint(path)  # memory-mapped: cheap, and the load reads it again
+            read_checkpoint(path, mmap=True)  # a look, not a read: the load reads it afterwards
         except UserError as e:
             reason = str(e)[len(path) + 2:] if str(e).startswith(f'{path}: ') else str(e)
             logger.warning(f'auto-resume: passing over {path}: {reason}')

@@ -13,9 +13,6 @@ from errors import UserError
 
 from .robust import CorruptImageError, RobustImageFolder, SkipCorruptMixin, decode_image
 
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-
 class FakeImages(Dataset):
     """Random RGB images with labels ``index % num_classes``; the same image for the same index."""
 

@@ -345,6 +345,20 @@ class FocalNet(nn.Module):
         if num_classes > 0:
             self._init_weights(self.head)
 
+    def resolve_block(self, block: BlockId) -> BlockId:
+        """(stage, block) with negative indices counted from the end; IndexError names a bad index."""
+        stage, index = block
+        n_stages = len(self.layers)
+        if not -n_stages <= stage < n_stages:
+            raise IndexError(f'stage {stage} does not exist; the model has {n_stages} stages '
+                             f'(0..{n_stages - 1})')
+        stage %= n_stages
+        depth = len(self.layers[stage].blocks)
+        if not -depth <= index < depth:
+            raise IndexError(f'block {index} does not exist; stage {stage} has {depth} blocks '
+                             f'(0..{depth - 1})')
+        return stage, index % depth
+
     def block_ids(self) -> List[BlockId]:
         return [(s, b) for s, stage in enumerate(self.layers) for b in range(len(stage.blocks))]
 
@@ -389,15 +403,6 @@ class FocalNet(nn.Module):
         """
         if blocks is None:
             blocks = [(-1, -1)]
-        maps: Dict[BlockId, dict] = {}
-        for s, b in blocks:
-            n_stages = len(self.layers)
-            if not -n_stages <= s < n_stages:
-                raise IndexError(f'stage {s} does not exist; the model has {n_stages} stages')
-            s %= n_stages
-            depth = len(self.layers[s].blocks)
-            if not -depth <= b < depth:
-                raise IndexError(f'block {b} does not exist; stage {s} has {depth} blocks')
-            maps[(s, b % depth)] = {}
+        maps: Dict[BlockId, dict] = {self.resolve_block(block): {} for block in blocks}
         logits = self.forward_head(self.norm(self._run(x, maps=maps)))
         return logits, maps

@@ -59,18 +59,12 @@ DPI = 100
 
 # ---- arrays -----------------------------------------------------------------------------------------
 def resolve_block(model: FocalNet, block: BlockId) -> BlockId:
-    """(stage, block) with negative indices counted from the end; names the bad index otherwise."""
-    stage, index = block
-    n_stages = len(model.layers)
-    if not -n_stages <= stage < n_stages:
-        raise UserError(f'stage {stage} does not exist; the model has {n_stages} stages '
-                         f'(0..{n_stages - 1})')
-    stage %= n_stages
-    depth = len(model.layers[stage].blocks)
-    if not -depth <= index < depth:
-        raise UserError(f'block {index} does not exist; stage {stage} has {depth} blocks '
-                         f'(0..{depth - 1})')
-    return stage, index % depth
+    """The model's (stage, block) for ``block`` (negative indices count from the end); a bad index is
+    a user mistake here."""
+    try:
+        return model.resolve_block(block)
+    except IndexError as e:
+        raise UserError(str(e)) from None
 
 
 def last_blocks(model: FocalNet) -> List[BlockId]:
