@@ -116,3 +116,162 @@ def test_with_num_classes_leaves_the_input_alone():
     c = cfg.load_config()
     d = cfg.with_num_classes(c, 10)
     assert (c.MODEL.NUM_CLASSES, d.MODEL.NUM_CLASSES) == (1000, 10) and d.is_frozen()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every value a user may set is checked before any work, in one line naming key, value and what is
+# allowed.
+# ---------------------------------------------------------------------------------------------------
+
+# (key, value as typed after --opts, what the message must say is allowed)
+BAD_VALUES = [
+    ('DATA.BATCH_SIZE', '0', 'an integer >= 1'),
+    ('DATA.BATCH_SIZE', '32.5', 'an integer >= 1'),
+    ('DATA.BATCH_SIZE', 'True', 'an integer >= 1'),
+    ('DATA.IMG_SIZE', '-224', 'an integer >= 1'),
+    ('DATA.IMG_SIZE', 'None', 'an integer >= 1'),
+    ('DATA.NUM_WORKERS', '-1', 'an integer >= 0'),
+    ('DATA.INTERPOLATION', 'cubic', 'one of bicubic, bilinear'),
+    ('DATA.FAKE_SIZE', '0', 'an integer >= 1'),
+    ('DATA.PIN_MEMORY', 'maybe', 'True or False'),
+    ('MODEL.NAME', 'a/b', 'without "/"'),
+    ('MODEL.NUM_CLASSES', '0', 'an integer >= 1'),
+    ('MODEL.DROP_PATH_RATE', '1.5', 'a number in [0, 1)'),
+    ('MODEL.DROP_RATE', 'nan', 'a number in [0, 1)'),
+    ('MODEL.LABEL_SMOOTHING', '-0.1', 'a number in [0, 1)'),
+    ('MODEL.FOCAL.IN_CHANS', '0', 'an integer >= 1'),
+    ('MODEL.FOCAL.EMBED_DIM', '0', 'an integer >= 1'),
+    ('MODEL.FOCAL.PATCH_SIZE', '0', 'an integer >= 1'),
+    ('MODEL.FOCAL.DEPTHS', '[]', 'a non-empty list'),
+    ('MODEL.FOCAL.DEPTHS', '[2, "x", 6, 2]', 'each an integer >= 1'),
+    ('MODEL.FOCAL.MLP_RATIO', '0', 'a number > 0'),
+    ('MODEL.FOCAL.FOCAL_LEVELS', '[2, 2, -1, 2]', 'each an integer >= 0'),
+    ('MODEL.FOCAL.FOCAL_WINDOWS', '[4, 4, 4, 4]', 'each an odd integer >= 1'),
+    ('MODEL.FOCAL.FOCAL_FACTORS', '[1, 1, 1, 1]', 'each an even integer >= 0'),
+    ('MODEL.FOCAL.LAYERSCALE_VALUE', '0', 'a number > 0'),
+    ('TRAIN.EPOCHS', '0', 'an integer >= 1'),
+    ('TRAIN.WARMUP_EPOCHS', '-5', 'an integer >= 0'),
+    ('TRAIN.BASE_LR', 'abc', 'a number >= 0'),
+    ('TRAIN.BASE_LR', '1e999', 'a number >= 0'),
+    ('TRAIN.MIN_LR', '-1e-6', 'a number >= 0'),
+    ('TRAIN.WEIGHT_DECAY', '-0.05', 'a number >= 0'),
+    ('TRAIN.CLIP_GRAD', '-1', 'a number >= 0'),
+    ('TRAIN.ACCUMULATION_STEPS', '-2', 'an integer >= 0'),
+    ('TRAIN.LR_SCHEDULER.NAME', 'poly', 'one of cosine, linear, step'),
+    ('TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '0', 'an integer >= 1'),
+    ('TRAIN.LR_SCHEDULER.DECAY_RATE', '0', 'a number > 0'),
+    ('TRAIN.OPTIMIZER.NAME', 'lamb', 'one of adamw, sgd'),
+    ('TRAIN.OPTIMIZER.BETAS', '(0.9,)', 'a list of 2 values, each a number in [0, 1)'),
+    ('TRAIN.OPTIMIZER.BETAS', '(0.9, 1.0)', 'a list of 2 values, each a number in [0, 1)'),
+    ('TRAIN.OPTIMIZER.EPS', '0', 'a number > 0'),
+    ('TRAIN.OPTIMIZER.MOMENTUM', '1.2', 'a number in [0, 1)'),
+    ('TRAIN.EMA.DECAY', '1.5', 'a number in [0, 1]'),
+    ('AUG.AUTO_AUGMENT', 'rand-m9-q3', 'a timm policy'),
+    ('AUG.AUTO_AUGMENT', 'randaugment', 'a timm policy'),
+    ('AUG.COLOR_JITTER', '-0.4', 'a number >= 0'),
+    ('AUG.HFLIP', '2', 'a number in [0, 1]'),
+    ('AUG.REPROB', '-0.25', 'a number in [0, 1]'),
+    ('AUG.REMODE', 'noise', 'one of pixel, rand, const'),
+    ('AUG.RECOUNT', '0', 'an integer >= 1'),
+    ('AUG.MIXUP', '-0.8', 'a number >= 0'),
+    ('AUG.CUTMIX_MINMAX', '[0.8, 0.2]', 'None or [min, max]'),
+    ('AUG.MIXUP_PROB', '1.5', 'a number in [0, 1]'),
+    ('AUG.MIXUP_MODE', 'row', 'one of batch, pair, elem'),
+    ('AMP_OPT_LEVEL', 'O3', 'one of O0, O1, O2'),
+    ('TAG', '..', 'a non-empty name'),
+    ('SAVE_FREQ', '0', 'an integer >= 1'),
+    ('SAVE_KEEP', '-1', 'an integer >= 0'),
+    ('PRINT_FREQ', '0', 'an integer >= 1'),
+    ('DIST_TIMEOUT', '0', 'an integer >= 1'),
+    ('SEED', '-1', 'an integer from 0 to 4294967295'),
+    ('SEED', str(2 ** 32), 'an integer from 0 to 4294967295'),
+]
+
+
+@pytest.mark.parametrize('key, value, allowed', BAD_VALUES, ids=[f'{k}={v}' for k, v, _ in BAD_VALUES])
+def test_every_bad_value_is_named_with_what_is_allowed(key, value, allowed):
+    with pytest.raises(UserError) as info:
+        cfg.load_config(None, [key, value])
+    message = str(info.value)
+    assert message.startswith(f'{key} must be ') and allowed in message and '; got ' in message
+    assert '\n' not in message
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('TRAIN.BASE_LR', '1', 1.0),                       # an integer where a number is expected
+    ('DATA.BATCH_SIZE', '64.0', 64),                   # a whole number where an integer is
+    ('TRAIN.OPTIMIZER.BETAS', '[0.8, 0.99]', (0.8, 0.99)),
+    ('DATA.PIN_MEMORY', 'false', False),
+    ('TAG', '007', '007'),                             # text stays as typed
+    ('AUG.AUTO_AUGMENT', 'augmix-m5-w4-d2', 'augmix-m5-w4-d2'),
+    ('AUG.CUTMIX_MINMAX', '[0.2, 0.8]', [0.2, 0.8]),
+    ('MODEL.FOCAL.FOCAL_LEVELS', '[0, 1, 2, 3]', [0, 1, 2, 3]),
+])
+def test_values_of_a_convertible_type_are_accepted(key, value, expected):
+    c = cfg.load_config(None, [key, value])
+    node = c
+    for part in key.split('.'):
+        node = node[part]
+    assert node == expected and type(node) is type(expected)
+
+
+def test_yaml_values_are_checked_and_converted_like_opts(tmp_path):
+    (tmp_path / 'base.yaml').write_text('TRAIN:\n  EPOCHS: 7\n')
+    (tmp_path / 'child.yaml').write_text('BASE: base.yaml\nTRAIN:\n  BASE_LR: 1\n')  # BASE as a string
+    c = cfg.load_config(str(tmp_path / 'child.yaml'))
+    assert (c.TRAIN.EPOCHS, c.TRAIN.BASE_LR) == (7, 1.0)
+    (tmp_path / 'empty.yaml').write_text('TRAIN:\n  EPOCHS:\n')
+    with pytest.raises(UserError, match=r'^TRAIN.EPOCHS must be an integer >= 1; got None$'):
+        cfg.load_config(str(tmp_path / 'empty.yaml'))
+    (tmp_path / 'section.yaml').write_text('TRAIN: 3\n')
+    with pytest.raises(UserError, match='TRAIN in config file .* must be a mapping of keys; got 3'):
+        cfg.load_config(str(tmp_path / 'section.yaml'))
+
+
+@pytest.mark.parametrize('write, message', [
+    (lambda p: p.write_bytes(bytes(range(256)) * 4), 'is not a YAML text file'),
+    (lambda p: p.write_text('MODEL: [1, 2\n'), 'is not valid YAML: .* at line 2, column 1$'),
+    (lambda p: p.write_text('just some text\n'), 'must hold a mapping of keys, not str'),
+    (lambda p: p.mkdir(), 'is a folder; give a .yaml file'),
+    (lambda p: p.write_text('BASE: 3\n'), 'BASE in config file .* must be a file name or a list of file names'),
+    (lambda p: p.write_text('TRAIN:\n  EPOCHZ: 3\n'), r'unknown config key in config file .*: TRAIN.EPOCHZ '
+                                                      r'\(did you mean TRAIN.EPOCHS\?\)'),
+])
+def test_unreadable_or_foreign_config_files_are_one_line_errors(tmp_path, write, message):
+    path = tmp_path / 'c.yaml'
+    write(path)
+    with pytest.raises(UserError, match=message) as info:
+        cfg.load_config(str(path))
+    assert str(path) in str(info.value) and '\n' not in str(info.value)
+
+
+def test_cross_key_rules():
+    with pytest.raises(UserError, match='TRAIN.START_EPOCH must be below TRAIN.EPOCHS'):
+        cfg.load_config(None, ['TRAIN.EPOCHS', '10', 'TRAIN.START_EPOCH', '10'])
+    with pytest.raises(UserError, match='names a section, not a key; .* such as TRAIN.START_EPOCH'):
+        cfg.load_config(None, ['TRAIN', '3'])
+
+
+def test_sections_without_rules_are_type_checked_only():
+    from yacs.config import CfgNode as CN
+    original = cfg._C
+    try:
+        extended = original.clone()
+        extended.DETECTION = CN()
+        extended.DETECTION.SCORE_THRESH = 0.05
+        cfg._C = extended
+        c = cfg.load_config(None, ['DETECTION.SCORE_THRESH', '1'])
+        assert c.DETECTION.SCORE_THRESH == 1.0
+        with pytest.raises(UserError, match=r"DETECTION.SCORE_THRESH must be a number; got 'x'"):
+            cfg.load_config(None, ['DETECTION.SCORE_THRESH', 'x'])
+    finally:
+        cfg._C = original
+
+
+def test_a_bad_value_stops_main_before_any_work(tmp_path, capsys):
+    import main
+    code = main.main(['--dataset', 'fake', '--output', str(tmp_path / 'out'), '--opts', 'SAVE_FREQ', '0'])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == 'error: SAVE_FREQ must be an integer >= 1; got 0\n'
+    assert not (tmp_path / 'out').exists()  # nothing was written, nothing trained

@@ -280,7 +280,7 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--cfg', 'configs/nope.yaml'], 'config file not found: configs/nope.yaml'),
-    (['--opts', 'TRAIN.EPOCH', '3'], 'unknown config key in --opts: TRAIN.EPOCH'),
+    (['--opts', 'TRAIN.EPOCH', '3'], 'unknown config key in --opts: TRAIN.EPOCH (did you mean TRAIN.EPOCHS?)'),
     (['--data-path', '/no/such/folder'], 'data path not found: /no/such/folder'),
     (['--dataset', 'fake', '--eval', '--resume', '/no/ckpt.pth', '--opts', *SMOKE],
      'checkpoint not found: /no/ckpt.pth'),

@@ -485,7 +485,7 @@ def test_user_mistake_gives_one_line_and_nonzero_exit(mistake, tiny_cfg, tiny_da
 def test_command_line_mistake_prints_no_traceback(tiny_cfg, tiny_data, tmp_path):
     done = run_main(main_args(tiny_cfg, tiny_data, tmp_path, 'TRAIN.EPOCHZ', '3'), timeout=120)
     assert done.returncode != 0
-    assert done.stderr.strip() == 'error: unknown config key in --opts: TRAIN.EPOCHZ'
+    assert done.stderr.strip() == 'error: unknown config key in --opts: TRAIN.EPOCHZ (did you mean TRAIN.EPOCHS?)'
 
 
 # ---------------------------------------------------------------------------------- distributed
