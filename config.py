@@ -10,7 +10,7 @@ import os
 import re
 from ast import literal_eval
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -179,6 +179,10 @@ _C.TAG = 'default'
 _C.SAVE_FREQ = 1
 # Keep only the newest SAVE_KEEP checkpoints in the output folder (0 keeps all).
 _C.SAVE_KEEP = 0
+# Also save part-way through an epoch every SAVE_MINUTES minutes of training (0: off), so that a run
+# killed without warning loses at most that much; only the newest such checkpoint is kept. A SIGTERM
+# or SIGINT always saves the position reached before the run stops.
+_C.SAVE_MINUTES = 0.0
 # Seconds a distributed collective waits for the other processes before failing (a process that died
 # or hangs then takes the job down instead of leaving the others waiting).
 _C.DIST_TIMEOUT = 1800
@@ -329,6 +333,7 @@ RULES: Dict[str, Rule] = {
     'TAG': _NAME,
     'SAVE_FREQ': _at_least(1),
     'SAVE_KEEP': _at_least(0),
+    'SAVE_MINUTES': _at_least(0, 'a number'),
     'DIST_TIMEOUT': _at_least(1),
     'PRINT_FREQ': _at_least(1),
     # numpy's global generator takes seeds below 2 ** 32.
@@ -611,3 +616,25 @@ def lr_scale(config: CN, world_size: int) -> float:
 
 def output_dir(config: CN) -> str:
     return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+
+
+def _flatten(node, prefix: str = '') -> Dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(before: str, after: CN) -> List[Tuple[str, Any, Any]]:
+    """(key, value in ``before``, value in ``after``) for every key whose value differs; ``before`` is
+    a config as YAML text (what checkpoints store). Keys only one side has are listed with None on
+    the other."""
+    try:
+        old = _flatten(yaml.safe_load(before) or {})
+    except yaml.YAMLError:
+        return []
+    new = _flatten(after)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]

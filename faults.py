@@ -3,8 +3,10 @@ would. Off unless the environment variable FOCALNET_FAULT is set; tests/test_rel
 
     FOCALNET_FAULT=<action>@<point>=<n>[,rank=<r>]
 
-action: ``kill`` (SIGKILL this process: no handler, no cleanup), ``raise`` (a RuntimeError) or
-        ``hang`` (sleep for ever, as a process stuck on a dead file system would).
+action: ``kill`` (SIGKILL this process: no handler, no cleanup), ``raise`` (a RuntimeError),
+        ``hang`` (sleep for ever, as a process stuck on a dead file system would), or ``term`` /
+        ``int`` (send this process a real SIGTERM / SIGINT, as a scheduler's pre-emption or Ctrl-C
+        would, and go on: the run's handler decides what follows).
 point:  ``step=<n>``: before training step n, counted over the whole run as epoch * steps_per_epoch
         + step (so a resumed run meets it at the same place); ``save=<n>``: while saving the
         checkpoint of epoch n, after the temporary file is complete and before it is renamed.
@@ -15,7 +17,7 @@ import re
 import signal
 import time
 
-_SPEC = re.compile(r'^(kill|raise|hang)@(step|save)=(\d+)(?:,rank=(\d+))?$')
+_SPEC = re.compile(r'^(kill|raise|hang|term|int)@(step|save)=(\d+)(?:,rank=(\d+))?$')
 
 
 def _parse(text: str):
@@ -23,7 +25,7 @@ def _parse(text: str):
         return None
     m = _SPEC.match(text.strip())
     if not m:
-        raise ValueError(f'FOCALNET_FAULT={text!r}: expected <kill|raise|hang>@<step|save>=<n>[,rank=<r>]')
+        raise ValueError(f'FOCALNET_FAULT={text!r}: expected <kill|raise|hang|term|int>@<step|save>=<n>[,rank=<r>]')
     action, point, n, rank = m.groups()
     return action, point, int(n), None if rank is None else int(rank)
 
@@ -40,6 +42,9 @@ def inject(point: str, n: int, rank: int = 0):
         return
     if action == 'kill':
         os.kill(os.getpid(), signal.SIGKILL)
+    if action in ('term', 'int'):
+        os.kill(os.getpid(), signal.SIGTERM if action == 'term' else signal.SIGINT)
+        return
     while action == 'hang':
         time.sleep(60)
     raise RuntimeError(f'injected fault at {point} {n} on rank {rank} (FOCALNET_FAULT)')

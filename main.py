@@ -23,20 +23,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import faults
-from config import get_config, lr_scale, output_dir, with_num_classes
+from config import config_differences, get_config, lr_scale, output_dir, with_num_classes
 from data import build_loader
 from data.robust import report_skipped
-from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from,
-                    make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
+from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics,
+                    check_same_config, drop_metrics_from, make_autocast, make_scaler, match_grad_layout,
+                    memory_mb, run_cli, wrap_ddp)
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from models.cost import count_flops, count_params
 from optimizer import build_optimizer
-from utils import (all_reduce_sum, auto_resume_file, checkpoint_path, derive_seed, get_rank,
-                   get_world_size, init_distributed, is_distributed, load_checkpoint, save_checkpoint,
-                   seed_everything)
+from utils import (all_finite, all_gather_objects, all_reduce_sum, check_weights_path, checkpoint_path,
+                   derive_seed, ensure_writable_dir, find_resume_checkpoint, get_rank, get_world_size,
+                   init_distributed, is_distributed, load_checkpoint, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state)
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -83,19 +85,27 @@ class Trainer:
     mixup: Optional[Callable] = None
     ema: Optional[nn.Module] = None
     writer: Optional[object] = None
+    preemption: Optional[Preemption] = None
+    # save_position(epoch, steps done, steps per epoch, totals) writes a mid-epoch checkpoint
+    save_position: Optional[Callable[[int, int, int, dict], str]] = None
 
 
-def train_one_epoch(t: Trainer, loader, epoch: int) -> dict:
+def train_one_epoch(t: Trainer, loader, epoch: int, num_steps: int, resume: Optional[dict] = None) -> dict:
+    """One epoch of ``num_steps`` micro-batches; ``resume``: the position of a mid-epoch checkpoint of
+    this epoch (its steps done and running totals), the loader already set to start after them.
+    After every optimizer step, a signal or a due periodic save writes the position reached."""
     cfg = t.config
     t.model.train()
-    num_steps = len(loader)
     accumulation = t.optimizer_step.accumulation
     updates_per_epoch = math.ceil(num_steps / accumulation)
-    loss_sum = norm_sum = 0.0
-    updates = 0
-    progress = Progress(num_steps)
+    first = resume['step'] if resume else 0
+    totals = {k: resume[k] for k in ('loss_sum', 'norm_sum', 'updates')} if resume else \
+        {'loss_sum': 0.0, 'norm_sum': 0.0, 'updates': 0}
+    if first:  # the rate of the last step taken, as an uninterrupted run leaves it
+        t.scheduler.step_update(epoch * updates_per_epoch + (first - 1) // accumulation)
+    progress = Progress(num_steps, first)
     t.optimizer.zero_grad(set_to_none=True)
-    for idx, (images, targets) in enumerate(loader):
+    for idx, (images, targets) in enumerate(loader, start=first):
         images = images.to(t.device, non_blocking=True)
         targets = targets.to(t.device, non_blocking=True)
         if t.mixup is not None:
@@ -106,27 +116,32 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> dict:
             t.scheduler.step_update(step)  # the rate of this optimizer step
         loss_value, grad_norm = t.optimizer_step(
             lambda: t.criterion(t.model(images), targets), idx, num_steps,
-            f'at epoch {epoch} step {idx}/{num_steps}; nothing was saved for this epoch')
+            f'at epoch {epoch} step {idx}/{num_steps}; the newest checkpoint was written before it')
         if grad_norm is not None:
             if t.ema is not None:
                 t.ema.update(t.module, step=step)
-            norm_sum += grad_norm.item()
-            updates += 1
-        loss_sum += loss_value
+            totals['norm_sum'] += grad_norm.item()
+            totals['updates'] += 1
+        totals['loss_sum'] += loss_value
         tick = progress.tick(idx)
         if idx % cfg.PRINT_FREQ == 0 or idx + 1 == num_steps:
             lr = t.optimizer.param_groups[0]['lr']
             grad_norm = t.optimizer_step.grad_norm.item()
             logger.info(f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{idx}/{num_steps}]  '
-                        f'eta {tick["eta"]}  lr {lr:.6e}  '
-                        f'time {tick["time"]:.3f}  loss {loss_value:.4f} ({loss_sum / (idx + 1):.4f})  '
+                        f'eta {tick["eta"]}  lr {lr:.6e}  time {tick["time"]:.3f}  '
+                        f'loss {loss_value:.4f} ({totals["loss_sum"] / (idx + 1):.4f})  '
                         f'grad_norm {grad_norm:.4f}{memory_mb(t.device)}')
             if t.writer is not None:
                 global_step = epoch * num_steps + idx
                 t.writer.add_scalar('train/loss', loss_value, global_step)
                 t.writer.add_scalar('train/lr', lr, global_step)
                 t.writer.add_scalar('train/grad_norm', grad_norm, global_step)
-    return {'loss': loss_sum / num_steps, 'grad_norm': norm_sum / max(1, updates),
+        if t.optimizer_step.ends_step(idx, num_steps) and t.preemption is not None:
+            stop, save = t.preemption.poll()  # the same answer on every process
+            path = t.save_position(epoch, idx + 1, num_steps, totals) if save else None
+            if stop:
+                raise t.preemption.stopped(f'at epoch {epoch} step {idx + 1}/{num_steps}', path)
+    return {'loss': totals['loss_sum'] / num_steps, 'grad_norm': totals['norm_sum'] / max(1, totals['updates']),
             'lr': t.optimizer.param_groups[0]['lr'], 'time_s': time.time() - progress.start}
 
 
@@ -148,7 +163,10 @@ def validate(model: nn.Module, loader, device: torch.device, autocast=nullcontex
                                hits[:, :1].sum().double(), hits.sum().double(),
                                torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
     loss, top1, top5, n = all_reduce_sum(totals).tolist()
-    n = max(n, 1.0)
+    if n == 0:  # every image was unreadable and skipped: there is no accuracy to report
+        example = next(iter(getattr(loader, 'skipped', {}).items()), None)
+        shown = f', for example {example[0]}: {example[1]}' if example else ''
+        raise UserError(f'no validation image could be read: all were skipped as unreadable{shown}')
     result = {'loss': loss / n, 'acc1': 100 * top1 / n, 'acc5': 100 * top5 / n, 'images': int(n)}
     logger.info(f'{name} * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}'.lstrip())
     return result
@@ -193,9 +211,22 @@ def build_criterion(config, mixup) -> nn.Module:
 
 def load_weights(config, model: nn.Module, *, fine_tune: bool):
     from models import load_pretrained
-    report = load_pretrained(model, config.MODEL.PRETRAINED, replace_classifier=fine_tune)
+    from models.pretrained import CheckpointError
+    path = config.MODEL.PRETRAINED
+    check_weights_path(path)
+    try:
+        report = load_pretrained(model, path, replace_classifier=fine_tune)
+    except CheckpointError as e:
+        # The library's advice is a Python argument; on the command line the remedy is another one.
+        message = str(e).replace(
+            "to fine-tune with the model's freshly initialised classifier instead, pass replace_classifier=True",
+            f'the data set has {config.MODEL.NUM_CLASSES} classes; evaluate on a data set with the '
+            f"weights' classes, or fine-tune them on this one (train with --pretrained, without --eval)")
+        raise UserError(message) from None
+    if not all_finite(model):
+        raise UserError(f'{path}: the weights hold non-finite values (NaN or inf); refusing to use them')
     note = ' (classifier re-initialised for this data set)' if report.get('replaced_classifier') else ''
-    logger.info(f'loaded {report["layout"]}-layout weights from {config.MODEL.PRETRAINED}{note}')
+    logger.info(f'loaded {report["layout"]}-layout weights from {path}{note}')
 
 
 def make_model(config) -> nn.Module:
@@ -222,8 +253,19 @@ def run_throughput(config, device) -> int:
 def run(args) -> int:
     config = get_config(args)
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
-    rank = get_rank()
+    check_same_config(config)
     out = output_dir(config)
+    if config.EVAL_MODE or config.THROUGHPUT_MODE:  # they write no checkpoints: no lock to hold
+        ensure_writable_dir(out)
+        return run_in(config, device, out)
+    # One training run per output folder: taken before anything is written there.
+    with RunLock(out):
+        ensure_writable_dir(out)
+        return run_in(config, device, out)
+
+
+def run_in(config, device: torch.device, out: str) -> int:
+    rank = get_rank()
     create_logger(out, rank)
     logger.info(f'rank {rank} of {get_world_size()} on {device}')
     if config.THROUGHPUT_MODE:
@@ -252,13 +294,18 @@ def run(args) -> int:
 
     if config.EVAL_MODE:
         if config.MODEL.RESUME:
-            load_checkpoint(config.MODEL.RESUME, model=model)
+            state = load_checkpoint(config.MODEL.RESUME, model=model)
+            trained = f' (trained {state["epoch"] + 1} epochs)' if state['epoch'] >= 0 else ''
+            logger.info(f'evaluating {config.MODEL.RESUME}{trained}')
         elif config.MODEL.PRETRAINED:
             load_weights(config, model, fine_tune=False)
+            logger.info(f'evaluating {config.MODEL.PRETRAINED}')
         else:
             raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
         result = validate(model, loaders.val, device, autocast)
         report_skipped((loaders.val,), 'evaluation', out)
+        logger.info(f'{config.MODEL.RESUME or config.MODEL.PRETRAINED}: top-1 {result["acc1"]:.3f}% '
+                    f'on {result["images"]} images')
         if rank == 0:
             append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': config.MODEL.RESUME or config.MODEL.PRETRAINED,
                                           'val_loss': result['loss'], 'acc1': result['acc1'],
@@ -268,21 +315,54 @@ def run(args) -> int:
     return train(config, loaders, model, device, autocast, dtype, out, metrics_path)
 
 
+def _log_config_changes(saved, config, path: str):
+    """The current config governs a resumed run; say which keys differ from the checkpoint's."""
+    if not isinstance(saved, str):  # an official checkpoint's pickled config: not compared
+        return
+    changed = [f'{k} {a!r} -> {b!r}' for k, a, b in config_differences(saved, config)
+               if k not in ('MODEL.RESUME', 'TRAIN.AUTO_RESUME')]
+    if changed:
+        logger.info(f'the config differs from that of {path} in {len(changed)} key(s); the current '
+                    f'values govern: ' + '; '.join(changed))
+
+
+def _batch_layout(config, loaders) -> dict:
+    """What a mid-epoch position depends on: the same steps must hold the same samples."""
+    return {'batch_size': config.DATA.BATCH_SIZE, 'world_size': get_world_size(),
+            'accumulation': max(1, config.TRAIN.ACCUMULATION_STEPS),
+            'train_images': len(loaders.train.dataset)}
+
+
+def _usable_position(position, config, loaders, path: str) -> Optional[dict]:
+    """The mid-epoch position of a checkpoint, or None (with a warning) when this run splits the
+    epoch differently, so that its steps are not the checkpoint's."""
+    if position is None:
+        return None
+    now = _batch_layout(config, loaders)
+    if position['layout'] != now or position['steps_per_epoch'] != loaders.steps_per_epoch:
+        logger.warning(f'{path} was saved after step {position["step"]} of epoch {position["epoch"]} with '
+                       f'{position["layout"]}; this run has {now}, so its steps hold other samples: '
+                       f'epoch {position["epoch"]} starts again from its first step')
+        return None
+    return position
+
+
 def train(config, loaders, model, device, autocast, dtype, out, metrics_path) -> int:
     rank = get_rank()
-    resume = config.MODEL.RESUME
+    resume, ckpt = config.MODEL.RESUME, None
     if config.TRAIN.AUTO_RESUME:
-        found = auto_resume_file(out)
+        found = find_resume_checkpoint(out)
         if found:
-            if resume and os.path.abspath(resume) != os.path.abspath(found):
-                logger.warning(f'auto-resume: using {found} instead of {resume}')
-            resume = found
+            if resume and os.path.abspath(resume) != os.path.abspath(found[0]):
+                logger.warning(f'auto-resume: using {found[0]} instead of {resume}')
+            resume, ckpt = found
     if config.MODEL.PRETRAINED and not resume:
         load_weights(config, model, fine_tune=True)
     scale = lr_scale(config, get_world_size())
     optimizer = build_optimizer(config, model, scale)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    scheduler = build_scheduler(config, optimizer, math.ceil(len(loaders.train) / accumulation), scale)
+    steps_per_epoch = loaders.steps_per_epoch
+    scheduler = build_scheduler(config, optimizer, math.ceil(steps_per_epoch / accumulation), scale)
     scaler = make_scaler(device, dtype)
     ema = None
     if config.TRAIN.EMA.ENABLED:
@@ -291,13 +371,25 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
     logger.info(f'learning rate {config.TRAIN.BASE_LR * scale:.3e} (BASE_LR x {scale:g}: '
                 f'global batch {config.DATA.BATCH_SIZE * get_world_size() * accumulation} / 512)')
 
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
+    start_epoch, max_accuracy, position = config.TRAIN.START_EPOCH, 0.0, None
     if resume:
-        state = load_checkpoint(resume, model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                scaler=scaler, ema=ema.module if ema is not None else None)
+        state = load_checkpoint(resume, model=model, optimizer=optimizer, scaler=scaler,
+                                ema=ema.module if ema is not None else None, ckpt=ckpt)
+        _log_config_changes(state['config'], config, resume)
         if state['has_training_state']:
             start_epoch, max_accuracy = state['epoch'] + 1, state['max_accuracy']
-        logger.info(f'resumed from {resume}: continuing at epoch {start_epoch}')
+            position = _usable_position(state['entries'].get('position'), config, loaders, resume)
+        if start_epoch > config.TRAIN.EPOCHS:
+            raise UserError(f'{resume} has trained {start_epoch} epochs, more than TRAIN.EPOCHS '
+                            f'{config.TRAIN.EPOCHS}; raise TRAIN.EPOCHS to continue it, or give a new '
+                            f'run another --output or --tag')
+        if start_epoch == config.TRAIN.EPOCHS and position is None:
+            logger.info(f'the run is already complete: {resume} ends epoch {start_epoch - 1}, the last '
+                        f'of TRAIN.EPOCHS {config.TRAIN.EPOCHS}; nothing to train (raise TRAIN.EPOCHS '
+                        f'to train longer)')
+            return 0
+        where = f' step {position["step"]}/{steps_per_epoch}' if position else ''
+        logger.info(f'resumed from {resume}: continuing at epoch {start_epoch}{where}')
     if rank == 0:
         drop_metrics_from(metrics_path, start_epoch)
 
@@ -308,39 +400,67 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
         writer = SummaryWriter(out)
     step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation,
                          config.TRAIN.CLIP_GRAD)
-    trainer = Trainer(config, ddp, model, build_criterion(config, loaders.mixup), optimizer, scheduler,
-                      scaler, step, device, loaders.mixup, ema, writer)
+
+    def save(epoch: int, position: Optional[dict] = None) -> Optional[str]:
+        """A checkpoint after ``epoch`` (rank 0 writes it), or part-way through epoch ``epoch`` + 1."""
+        path = None
+        if rank == 0:
+            path = save_checkpoint(
+                checkpoint_path(out, epoch + 1, step=position['step']) if position else checkpoint_path(out, epoch),
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, scaler=scaler, epoch=epoch,
+                max_accuracy=max_accuracy, config=config, ema=ema.module if ema is not None else None,
+                keep=config.SAVE_KEEP, extra={'position': position} if position else None)
+            logger.info(f'saved {path}')
+        all_reduce_sum(torch.zeros(1, device=device))  # no process leaves before the file is complete
+        preemption.saved()
+        return path
+
+    def save_position(epoch: int, done: int, num_steps: int, totals: dict) -> Optional[str]:
+        report_skipped((loaders.train,), f'epoch {epoch} (to step {done})', out)
+        position = dict(totals, epoch=epoch, step=done, steps_per_epoch=num_steps,
+                        layout=_batch_layout(config, loaders),
+                        rng=all_gather_objects(rng_state()))  # every process's generators
+        return save(epoch - 1, position)
 
     logger.info(f'training epochs {start_epoch} to {config.TRAIN.EPOCHS - 1}')
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        loaders.set_epoch(epoch)
-        # Every random draw of the epoch (drop path, mixup, augmentation in this process) follows
-        # from (seed, epoch, rank), so a resumed run repeats an uninterrupted one.
-        seed_everything(derive_seed(config.SEED, epoch, rank))
-        stats = train_one_epoch(trainer, loaders.train, epoch)
-        val = validate(model, loaders.val, device, autocast)
-        report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
-        max_accuracy = max(max_accuracy, val['acc1'])
-        record = {'epoch': epoch, 'train_loss': stats['loss'], 'val_loss': val['loss'],
-                  'acc1': val['acc1'], 'acc5': val['acc5'], 'lr': stats['lr'],
-                  'epoch_time_s': stats['time_s'], 'max_accuracy': max_accuracy}
-        if ema is not None:
-            val_ema = validate(ema.module, loaders.val, device, autocast, name='EMA')
-            record.update(acc1_ema=val_ema['acc1'], acc5_ema=val_ema['acc5'])
-        logger.info(f'epoch {epoch}: acc1 {val["acc1"]:.2f}% (max {max_accuracy:.2f}%), '
-                    f'train loss {stats["loss"]:.4f}, {stats["time_s"]:.0f}s')
-        if rank == 0:
-            append_metrics(metrics_path, record)
-            for key in ('train_loss', 'val_loss', 'acc1', 'acc5'):
-                writer.add_scalar(f'epoch/{key}', record[key], epoch)
-            writer.flush()
-            if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                path = save_checkpoint(checkpoint_path(out, epoch), model=model, optimizer=optimizer,
-                                       lr_scheduler=scheduler, scaler=scaler, epoch=epoch,
-                                       max_accuracy=max_accuracy, config=config,
-                                       ema=ema.module if ema is not None else None,
-                                       keep=config.SAVE_KEEP)
-                logger.info(f'saved {path}')
+    with Preemption(device, config.SAVE_MINUTES) as preemption:
+        trainer = Trainer(config, ddp, model, build_criterion(config, loaders.mixup), optimizer,
+                          scheduler, scaler, step, device, loaders.mixup, ema, writer, preemption,
+                          save_position)
+        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+            resumed = position if position is not None and position['epoch'] == epoch else None
+            loaders.set_epoch(epoch, resumed['step'] if resumed else 0)
+            if resumed:  # the generators as the interrupted run left them, in every process
+                set_rng_state(resumed['rng'][rank])
+            else:
+                # Every random draw of the epoch in this process (drop path, mixup) follows from
+                # (seed, epoch, rank), and each sample's augmentation from its position
+                # (data/sampler.py), so a resumed run repeats an uninterrupted one.
+                seed_everything(derive_seed(config.SEED, epoch, rank))
+            stats = train_one_epoch(trainer, loaders.train, epoch, steps_per_epoch, resumed)
+            val = validate(model, loaders.val, device, autocast)
+            report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
+            max_accuracy = max(max_accuracy, val['acc1'])
+            record = {'epoch': epoch, 'train_loss': stats['loss'], 'val_loss': val['loss'],
+                      'acc1': val['acc1'], 'acc5': val['acc5'], 'lr': stats['lr'],
+                      'epoch_time_s': stats['time_s'], 'max_accuracy': max_accuracy}
+            if ema is not None:
+                val_ema = validate(ema.module, loaders.val, device, autocast, name='EMA')
+                record.update(acc1_ema=val_ema['acc1'], acc5_ema=val_ema['acc5'])
+            logger.info(f'epoch {epoch}: acc1 {val["acc1"]:.2f}% (max {max_accuracy:.2f}%), '
+                        f'train loss {stats["loss"]:.4f}, {stats["time_s"]:.0f}s')
+            if rank == 0:
+                append_metrics(metrics_path, record)
+                for key in ('train_loss', 'val_loss', 'acc1', 'acc5'):
+                    writer.add_scalar(f'epoch/{key}', record[key], epoch)
+                writer.flush()
+            # A signal during validation stops here, with this epoch saved whatever SAVE_FREQ says.
+            stop, _ = preemption.poll()
+            path = None
+            if stop or epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
+                path = save(epoch)
+            if stop:
+                raise preemption.stopped(f'after epoch {epoch}', path)
     if writer is not None:
         writer.close()
     logger.info(f'done: max accuracy {max_accuracy:.2f}%')

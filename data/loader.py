@@ -5,13 +5,14 @@ from typing import Optional
 
 import torch
 from timm.data import Mixup
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from errors import UserError
 from utils import derive_seed, get_rank, get_world_size, seed_worker
 
 from .datasets import build_dataset
 from .robust import SkipReportingLoader, collate_with_problems
+from .sampler import ResumableSampler, SeededSamples
 from .transforms import build_transform
 
 
@@ -24,10 +25,16 @@ class Loaders:
     mixup: Optional[Mixup]
     seed: int
 
-    def set_epoch(self, epoch: int):
-        """Reshuffle for ``epoch`` and reseed the loader's workers from (seed, epoch, rank)."""
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches of a whole epoch (the loader's length shrinks in a resumed epoch)."""
+        return self.train.sampler.num_samples // self.train.batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        """Reshuffle for ``epoch``, starting after its first ``start_step`` batches (a run resumed part-way
+        through it), and reseed the loader's workers from (seed, epoch, rank)."""
         if self.train is not None:
-            self.train.sampler.set_epoch(epoch)
+            self.train.sampler.set_epoch(epoch, start_step * self.train.batch_size)
             self.train.generator.manual_seed(derive_seed(self.seed, epoch, get_rank()))
 
 
@@ -81,12 +88,11 @@ def build_loader(config, train: bool = True) -> Loaders:
         if len(train_set) < config.DATA.BATCH_SIZE * world:
             raise UserError(f'the training set has {len(train_set)} images, fewer than one global batch '
                             f'({config.DATA.BATCH_SIZE} x {world} processes); lower --batch-size')
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=get_rank(), shuffle=True,
-                                     seed=config.SEED)
-        # Workers are started afresh every epoch (persistent_workers=False) so that their random
-        # streams follow the generator that set_epoch reseeds: a resumed run repeats them.
+        # Each sample is augmented from a seed of its own position in the epoch (data/sampler.py), so
+        # a run resumed part-way through an epoch repeats the uninterrupted one exactly.
+        sampler = ResumableSampler(train_set, num_replicas=world, rank=get_rank(), seed=config.SEED)
         train_loader = SkipReportingLoader(DataLoader(
-            train_set, batch_size=config.DATA.BATCH_SIZE, sampler=sampler,
+            SeededSamples(train_set), batch_size=config.DATA.BATCH_SIZE, sampler=sampler,
             num_workers=_workers(config), pin_memory=_pin(config), drop_last=True,
             worker_init_fn=seed_worker, generator=torch.Generator(),
             persistent_workers=False, collate_fn=collate_with_problems), config.DATA.SKIP_CORRUPT)

@@ -6,11 +6,14 @@ schedule builders in optimizer.py and lr_scheduler.py.
 """
 from .amp import amp_dtype, make_autocast, make_scaler
 from .cli import report, run_cli
-from .ddp import match_grad_layout, wrap_ddp
+from .ddp import check_same_config, match_grad_layout, wrap_ddp
+from .lock import FolderInUse, RunLock
 from .metrics import append_metrics, drop_metrics_from
+from .preemption import Preempted, Preemption
 from .progress import Progress, memory_mb
 from .step import OptimizerStep, check_update
 
 __all__ = ['amp_dtype', 'make_autocast', 'make_scaler', 'report', 'run_cli', 'match_grad_layout',
-           'wrap_ddp', 'append_metrics', 'drop_metrics_from', 'Progress', 'memory_mb',
-           'OptimizerStep', 'check_update']
+           'wrap_ddp', 'check_same_config', 'FolderInUse', 'RunLock', 'append_metrics',
+           'drop_metrics_from', 'Preempted', 'Preemption', 'Progress', 'memory_mb', 'OptimizerStep',
+           'check_update']

@@ -1,10 +1,13 @@
-"""DistributedDataParallel without copies of the gradients into its buckets."""
+"""DistributedDataParallel without copies of the gradients into its buckets, and a check that every
+process was started with the same config."""
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from utils import is_distributed
+from config import config_differences
+from errors import UserError
+from utils import all_gather_objects, is_distributed
 
 
 def match_grad_layout(model: nn.Module, run_backward: Callable[[nn.Module], None]) -> nn.Module:
@@ -30,3 +33,17 @@ def wrap_ddp(model: nn.Module, device: torch.device, **kwargs) -> nn.Module:
         return model
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == 'cuda' else None, **kwargs)
+
+
+def check_same_config(config):
+    """Every process must run the same config; ranks started with different commands would otherwise
+    meet only in a collective that never matches, and wait until the timeout. Compared at start, on
+    every process, which all stop with the same line."""
+    texts = all_gather_objects(config.dump())
+    for rank, text in enumerate(texts):
+        if text != texts[0]:
+            differences = config_differences(texts[0], config.load_cfg(text))
+            shown = '; '.join(f'{k} {b!r} where rank 0 has {a!r}' for k, a, b in differences[:5])
+            more = f' and {len(differences) - 5} more' if len(differences) > 5 else ''
+            raise UserError(f'the processes were started with different configs: rank {rank} has '
+                            f'{shown}{more}; start every process with the same command')
