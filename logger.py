@@ -24,6 +24,25 @@ class _CurrentStdout(logging.StreamHandler):
         pass
 
 
+class _LogFile(logging.FileHandler):
+    """A log file whose write errors (a full disk) are reported in one line, once, instead of a
+    traceback per record; the run itself stops at its next checkpoint or metrics write."""
+
+    def handleError(self, record):
+        if not getattr(self, '_failed', False):
+            self._failed = True
+            error = sys.exc_info()[1]
+            reason = getattr(error, 'strerror', None) or error
+            print(f'warning: cannot write the log file {self.baseFilename}: {reason}', file=sys.stderr,
+                  flush=True)
+
+    def close(self):
+        try:
+            super().close()
+        except OSError:  # the last buffered lines could not be written either; already reported
+            pass
+
+
 def create_logger(output_dir: str, rank: int = 0, name: str = NAME) -> logging.Logger:
     close_logger(name)  # a second call (a test, a notebook) starts afresh
     logger = logging.getLogger(name)
@@ -39,7 +58,7 @@ def create_logger(output_dir: str, rank: int = 0, name: str = NAME) -> logging.L
         logger.addHandler(console)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(output_dir, f'log_rank{rank}.txt'), mode='a')
+        file_handler = _LogFile(os.path.join(output_dir, f'log_rank{rank}.txt'), mode='a')
         file_handler.setFormatter(logging.Formatter(fmt, datefmt=datefmt))
         logger.addHandler(file_handler)
     return logger

@@ -259,14 +259,16 @@ def run(args) -> int:
         ensure_writable_dir(out)
         return run_in(config, device, out)
     # One training run per output folder: taken before anything is written there.
-    with RunLock(out):
+    with RunLock(out) as lock:
         ensure_writable_dir(out)
-        return run_in(config, device, out)
+        return run_in(config, device, out, lock.note)
 
 
-def run_in(config, device: torch.device, out: str) -> int:
+def run_in(config, device: torch.device, out: str, note: str = '') -> int:
     rank = get_rank()
     create_logger(out, rank)
+    if note:
+        logger.warning(note)
     logger.info(f'rank {rank} of {get_world_size()} on {device}')
     if config.THROUGHPUT_MODE:
         return run_throughput(config, device)

@@ -338,15 +338,17 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> dict:
         raise UserError(str(e)) from None
 
 
-def ensure_writable_dir(folder: str):
-    """Create the output folder, and write to it once: a path through a file, a folder without write
-    permission or a full disk is found before any work, in one line."""
+def ensure_writable_dir(folder: str, probe: bool = True):
+    """Create the output folder, and (``probe``) write to it once: a path through a file, a folder
+    without write permission or a full disk is found before any work, in one line."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         blocker = next((p for p in _ancestors(folder) if os.path.exists(p) and not os.path.isdir(p)), None)
         why = f'{blocker} is a file, not a folder' if blocker else e.strerror or str(e)
         raise UserError(f'cannot create the output folder {folder}: {why}') from None
+    if not probe:
+        return
     probe = os.path.join(folder, f'.write_test.{_host()}.{os.getpid()}')
     try:
         with open(probe, 'wb') as f:

@@ -1,9 +1,11 @@
 """The data sets main.py reads: ImageFolder trees, the official zipped layout and synthetic images."""
 import io
+import logging
 import os
+import re
 import zipfile
 import zlib
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -12,6 +14,9 @@ from torch.utils.data import Dataset
 from errors import UserError
 
 from .robust import CorruptImageError, RobustImageFolder, SkipCorruptMixin, decode_image
+
+logger = logging.getLogger('focalnet')
+
 
 class FakeImages(Dataset):
     """Random RGB images with labels ``index % num_classes``; the same image for the same index."""
@@ -46,25 +51,22 @@ class ZipImageDataset(SkipCorruptMixin, Dataset):
                 raise UserError(f'zipped data set file not found: {path}')
         self.zip_path, self.transform = zip_path, transform
         self.skip_corrupt, self.refill = skip_corrupt, refill
-        self.samples = []
-        with open(map_path) as f:
-            for n, line in enumerate(f, 1):
-                fields = [x for x in line.rstrip('\n').split('\t') if x]
-                if not fields:
-                    continue
-                if len(fields) < 2 or not fields[1].strip().lstrip('-').isdigit():
-                    raise UserError(f'{map_path}:{n}: expected "<image name>\\t<class index>", got {line.strip()!r}')
-                name = fields[0].split('@', 1)[-1].lstrip('/')
-                self.samples.append((name, int(fields[1])))
-        if not self.samples:
-            raise UserError(f'no images listed in {map_path}')
-        with zipfile.ZipFile(zip_path) as z:
-            names = set(z.namelist())
+        self.samples = _read_map(map_path)
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                names = set(z.namelist())
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise UserError(f'{zip_path} is not a readable zip file: {e}') from None
         missing = [name for name, _ in self.samples if name not in names]
         if missing:
             raise UserError(f'{len(missing)} images of {map_path} are not in {zip_path}, '
                             f'for example {missing[0]!r}')
         self.num_classes = max(t for _, t in self.samples) + 1
+        unused = sorted(set(range(self.num_classes)) - {t for _, t in self.samples})
+        if unused:
+            shown = ', '.join(map(str, unused[:10])) + (f' and {len(unused) - 10} more' if len(unused) > 10 else '')
+            logger.warning(f'{map_path}: {len(unused)} of the class indices 0..{self.num_classes - 1} have no '
+                           f'images: {shown}')
         self._zip = None
         self._pid = None
 
@@ -86,6 +88,37 @@ class ZipImageDataset(SkipCorruptMixin, Dataset):
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:  # a damaged member
             raise CorruptImageError(where, f'cannot read it from the zip: {e}') from None
         return decode_image(io.BytesIO(data), where)
+
+
+# A class index: ASCII digits only (str.isdigit also takes other scripts' digits and superscripts).
+_CLASS_INDEX = re.compile(r'[0-9]+')
+
+
+def _read_map(map_path: str) -> List[Tuple[str, int]]:
+    """(name in the zip, class index) of each ``<name>\\t<class index>`` line of a map file."""
+    samples = []
+    try:
+        with open(map_path, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError as e:
+        raise UserError(f'cannot read {map_path}: {e.strerror or e}') from None
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode('utf-8').rstrip('\r')
+        except UnicodeDecodeError as e:
+            raise UserError(f'{map_path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column '
+                            f'{e.start + 1}); map files are UTF-8') from None
+        fields = [x for x in line.split('\t') if x]
+        if not fields:
+            continue
+        if len(fields) < 2 or not _CLASS_INDEX.fullmatch(fields[1].strip()):
+            raise UserError(f'{map_path}:{n}: expected "<image name>\\t<class index>" with a class index '
+                            f'of 0 or more, got {line.strip()!r}')
+        name = fields[0].split('@', 1)[-1].lstrip('/')
+        samples.append((name, int(fields[1])))
+    if not samples:
+        raise UserError(f'no images listed in {map_path}')
+    return samples
 
 
 def build_dataset(split: str, config, transform,

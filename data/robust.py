@@ -19,6 +19,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder, find_clas
 from errors import UserError
 from utils import all_gather_objects, get_rank
 
+from .folders import find_images
+
 logger = logging.getLogger('focalnet')
 
 # (path, reason) for one unreadable file.
@@ -133,8 +135,9 @@ class RobustImageFolder(SkipCorruptMixin, DatasetFolder):
                 shown = ', '.join(unknown[:10]) + more
                 raise DataError(f'{root} has {len(unknown)} class(es) the training set lacks: {shown}')
             own = {c: class_to_idx[c] for c in classes}
-        # allow_empty: a validation folder may lack some classes; an empty data set is caught below.
-        samples = self.make_dataset(root, own, IMG_EXTENSIONS, None, allow_empty=True)
+        # Each folder and file once, FIFOs and devices passed over (data/folders.py); a validation
+        # folder may lack some classes; an empty data set is caught below.
+        samples = find_images(root, own, IMG_EXTENSIONS)
         if not samples:
             raise DataError(f'no images ({", ".join(IMG_EXTENSIONS)}) found under {root}')
         # DatasetFolder.__init__ would scan the folder again; set what it would set.

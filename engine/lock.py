@@ -16,7 +16,7 @@ import time
 from typing import Optional
 
 from errors import UserError
-from utils import STALE_AFTER_S, all_gather_objects, get_rank, process_alive
+from utils import STALE_AFTER_S, all_gather_objects, ensure_writable_dir, get_rank, process_alive
 
 logger = logging.getLogger('focalnet')
 
@@ -65,6 +65,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread = None
         self.held = False
+        self.note = ''  # what the log should say about taking the lock over, once it is set up
 
     def __enter__(self) -> 'RunLock':
         problem = None
@@ -85,10 +86,7 @@ class RunLock:
         return False
 
     def _acquire(self):
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f'cannot create the output folder {self.folder}: {e.strerror or e}') from None
+        ensure_writable_dir(self.folder, probe=False)
         for _ in range(3):  # a lock taken over or released by someone else meanwhile: look again
             if self._create():
                 return
@@ -106,7 +104,7 @@ class RunLock:
             except FileNotFoundError:
                 continue
             os.remove(stale)
-            logger.warning(f'{self.path}: taking over the lock of a run that is gone ({_describe(holder)})')
+            self.note = f'{self.path}: took over the lock of a run that is gone ({_describe(holder)})'
         raise FolderInUse(f'the output folder {self.folder} is in use by another run that keeps '
                           f'changing its lock {self.path}')
 

@@ -8,6 +8,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tiny_runs import TINY_RUN, main_args, make_image_folder, run_dir, run_main  # noqa: E402
+
 # Data made with the official implementation; see its README. FOCALNET_REFERENCE overrides the place.
 REFERENCE = Path(os.environ.get('FOCALNET_REFERENCE', ROOT.parent / 'shared' / 'reference'))
 
@@ -22,3 +24,31 @@ def reference() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- small training runs shared by several test files (see tiny_runs.py) ---------------------------
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('data')
+    make_image_folder(root / 'train', per_class=8)
+    make_image_folder(root / 'val', per_class=2, seed=1)
+    return root
+
+
+@pytest.fixture(scope='session')
+def tiny_cfg(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp('cfg') / 'tiny.yaml'
+    path.write_text(TINY_RUN)
+    return path
+
+
+@pytest.fixture(scope='session')
+def uninterrupted(tiny_cfg, tiny_data, tmp_path_factory) -> Path:
+    """The final checkpoint of a run never interrupted."""
+    out = tmp_path_factory.mktemp('uninterrupted')
+    done = run_main(main_args(tiny_cfg, tiny_data, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir(out) / 'ckpt_epoch_1.pth'
+
+

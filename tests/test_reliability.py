@@ -1,35 +1,22 @@
 """A run survives kills, bad data and hostile files: resume, atomic checkpoints, damaged images,
 divergence, code-carrying pickles, user mistakes and a failing rank. CPU, tiny models, real files."""
 import logging
-import math
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from data.robust import (CorruptImageError, DataError, RobustImageFolder, SkipReportingLoader,
                          collate_with_problems)
-
-
-def make_image_folder(root: Path, classes=('a', 'b'), per_class=6, size=32, seed=0) -> Path:
-    """root/<class>/<i>.png with random RGB content."""
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / c / f'{i}.png')
-    return root
+from tiny_runs import (STEPS_PER_EPOCH, assert_same_final_state, call_main, free_port, load,
+                       main_args, make_image_folder, run_dir, run_main)
 
 
 def damage(root: Path):
@@ -114,117 +101,6 @@ def test_missing_or_empty_data_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ whole runs
-
-ROOT = Path(__file__).resolve().parents[1]
-# Every random part of the recipe is on: RandAugment, random erasing, mixup/cutmix, drop path, EMA,
-# and a loader worker process.
-TINY_RUN = """
-DATA: {IMG_SIZE: 32, BATCH_SIZE: 4, NUM_WORKERS: 1, DATASET: folder}
-MODEL:
-  NAME: tiny
-  DROP_PATH_RATE: 0.3
-  FOCAL: {EMBED_DIM: 8, DEPTHS: [1, 1, 1, 1]}
-TRAIN:
-  EPOCHS: 2
-  WARMUP_EPOCHS: 1
-  BASE_LR: 0.5
-  EMA: {ENABLED: True, DECAY: 0.9}
-AUG: {REPROB: 0.5}
-PRINT_FREQ: 100
-"""
-STEPS_PER_EPOCH = 4  # 16 training images, batches of 4
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('data')
-    make_image_folder(root / 'train', per_class=8)
-    make_image_folder(root / 'val', per_class=2, seed=1)
-    return root
-
-
-@pytest.fixture(scope='module')
-def tiny_cfg(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp('cfg') / 'tiny.yaml'
-    path.write_text(TINY_RUN)
-    return path
-
-
-def main_args(cfg, data, output, *opts) -> list:
-    args = ['--cfg', str(cfg), '--data-path', str(data), '--output', str(output), '--tag', 't']
-    return args + (['--opts', *opts] if opts else [])
-
-
-def run_dir(output) -> Path:
-    return Path(output) / 'tiny' / 't'
-
-
-def run_main(args, fault='', timeout=300, command=None) -> subprocess.CompletedProcess:
-    """main.py in a fresh process, one compute thread (the same count in every run)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', FOCALNET_FAULT=fault)
-    command = command or [sys.executable, 'main.py']
-    return subprocess.run(command + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def call_main(argv, capsys):
-    """main.main in this process: (exit status, stderr). The run's log handlers (bound to this
-    test's captured output) are removed afterwards, so later tests log as before."""
-    import main
-    log = logging.getLogger('focalnet')
-    handlers, propagate, level = list(log.handlers), log.propagate, log.level
-    capsys.readouterr()
-    try:
-        code = main.main([str(a) for a in argv])
-    finally:
-        for handler in log.handlers:
-            if handler not in handlers:
-                handler.close()
-        log.handlers[:] = handlers
-        log.propagate, log.level = propagate, level
-    return code, capsys.readouterr().err
-
-
-def max_difference(a, b) -> float:
-    """Largest absolute difference between two nested structures of tensors and numbers; inf when
-    their keys or shapes differ."""
-    if isinstance(a, dict):
-        if not isinstance(b, dict) or a.keys() != b.keys():
-            return math.inf
-        return max([max_difference(a[k], b[k]) for k in a] or [0.0])
-    if isinstance(a, (list, tuple)):
-        if not isinstance(b, (list, tuple)) or len(a) != len(b):
-            return math.inf
-        return max([max_difference(x, y) for x, y in zip(a, b)] or [0.0])
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return math.inf
-        return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-    if isinstance(a, (int, float)):
-        return abs(a - b)
-    return 0.0 if a == b else math.inf
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(tiny_cfg, tiny_data, tmp_path_factory) -> Path:
-    """The final checkpoint of a run never interrupted."""
-    out = tmp_path_factory.mktemp('uninterrupted')
-    done = run_main(main_args(tiny_cfg, tiny_data, out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir(out) / 'ckpt_epoch_1.pth'
-
-
-def assert_same_final_state(resumed: Path, reference: Path):
-    a, b = load(reference), load(resumed)
-    for key in ('model', 'ema', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'max_accuracy', 'rng'):
-        difference = max_difference(a[key], b[key])
-        print(f'{key}: max |uninterrupted - resumed| = {difference}')
-        assert difference == 0.0, key
-
 
 def test_kill_and_resume_ends_with_the_weights_of_an_uninterrupted_run(tiny_cfg, tiny_data, tmp_path,
                                                                        uninterrupted):
@@ -492,7 +368,7 @@ def test_command_line_mistake_prints_no_traceback(tiny_cfg, tiny_data, tmp_path)
 
 def test_a_failing_rank_takes_the_job_down(tiny_cfg, tiny_data, tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-               '--master_port', str(_free_port()), 'main.py']
+               '--master_port', str(free_port()), 'main.py']
     # Rank 1 raises at its third step while rank 0 waits for it in the loss all-reduce.
     done = run_main(main_args(tiny_cfg, tiny_data, tmp_path, 'DATA.BATCH_SIZE', '2', 'DIST_TIMEOUT', '60'),
                     fault='raise@step=2,rank=1', timeout=150, command=command)
@@ -503,7 +379,7 @@ def test_a_failing_rank_takes_the_job_down(tiny_cfg, tiny_data, tmp_path):
 
 def test_a_hanging_rank_times_out_and_takes_the_job_down(tiny_cfg, tiny_data, tmp_path):
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-               '--master_port', str(_free_port()), 'main.py']
+               '--master_port', str(free_port()), 'main.py']
     # Rank 1 stops responding at its third step; rank 0 gives up after DIST_TIMEOUT seconds instead
     # of waiting for ever, and the launcher then ends rank 1.
     done = run_main(main_args(tiny_cfg, tiny_data, tmp_path, 'DATA.BATCH_SIZE', '2', 'DIST_TIMEOUT', '10'),
@@ -512,8 +388,3 @@ def test_a_hanging_rank_times_out_and_takes_the_job_down(tiny_cfg, tiny_data, tm
     assert 'timed out' in (done.stdout + done.stderr).lower()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
