@@ -4,10 +4,13 @@ import os
 
 
 def append_metrics(path: str, record: dict):
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # name the file (a failed write alone does not): "no space left ... for <path>"
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 def drop_metrics_from(path: str, position: int, key: str = 'epoch'):

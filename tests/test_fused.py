@@ -129,6 +129,41 @@ def test_cpu_tensors_and_the_switch_select_the_plain_path(monkeypatch):
     assert not fused.fused_available(torch.zeros(1, 4, 2, 2))
 
 
+class _CudaTensor:
+    """What fused_available reads of a CUDA tensor (no GPU is needed to check the switch)."""
+    is_cuda = True
+
+    def __init__(self, numel: int):
+        self._numel = numel
+
+    def numel(self) -> int:
+        return self._numel
+
+
+@pytest.mark.parametrize('setting, expected', [(None, False), ('0', False), ('1', True), ('yes', False)])
+def test_the_switch_decides_for_cuda_tensors(monkeypatch, setting, expected):
+    """The opt-in: CUDA tensors take the fused path with FOCALNET_FUSED=1 only (and Triton present)."""
+    monkeypatch.setattr(fused, 'triton_importable', lambda: True)
+    if setting is None:
+        monkeypatch.delenv('FOCALNET_FUSED', raising=False)
+    else:
+        monkeypatch.setenv('FOCALNET_FUSED', setting)
+    assert fused.fused_available(_CudaTensor(1000)) is expected
+    if expected:
+        assert not fused.fused_available(_CudaTensor(2 ** 31))  # beyond 32-bit offsets
+        monkeypatch.setattr(fused, 'triton_importable', lambda: False)
+        assert not fused.fused_available(_CudaTensor(1000))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='an extra check on a real CUDA tensor')
+def test_the_switch_decides_for_a_real_cuda_tensor(monkeypatch):
+    x = torch.zeros(1, 4, 2, 2, device='cuda')
+    monkeypatch.setenv('FOCALNET_FUSED', '0')
+    assert not fused.fused_available(x)
+    monkeypatch.setenv('FOCALNET_FUSED', '1')
+    assert fused.fused_available(x) is fused.triton_importable()
+
+
 def test_model_compiles_in_one_graph_and_matches_eager():
     """torch.compile captures forward and backward without graph breaks (aot_eager keeps it quick;
     inductor compiles the same graphs)."""

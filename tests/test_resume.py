@@ -334,3 +334,30 @@ def test_launch_environment_and_ranks_with_different_configs(tiny_cfg, tiny_data
         assert err.strip() == 'error: the processes were started with different configs: rank 1 has ' \
                               'TRAIN.EPOCHS 3 where rank 0 has 2; start every process with the same command'
     assert not run_dir(tmp_path).exists()
+
+
+def test_a_resumed_run_continues_the_gradient_scaler(tmp_path):
+    """float16 training keeps a loss scale that grows and shrinks with the gradients; a resumed run
+    must go on from the saved scale and growth count, not from a fresh scaler's. A CPU scaler runs the
+    same code as a CUDA one."""
+    from config import load_config
+    from utils import load_checkpoint, save_checkpoint
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, growth_interval=2, enabled=True)
+    for step in range(8):  # overflowing steps halve the scale, runs of good ones double it
+        loss = model(torch.ones(2, 4)).sum() * (float('inf') if step in (1, 2, 4) else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    saved = scaler.state_dict()
+    assert saved['scale'] == 2.0 ** 8 and saved['_growth_tracker'] == 1
+    path = str(tmp_path / 'ckpt_epoch_0.pth')
+    save_checkpoint(path, model=model, optimizer=optimizer,
+                    lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), scaler=scaler, epoch=0,
+                    max_accuracy=0.0, config=load_config())
+    fresh = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16, growth_interval=2, enabled=True)
+    load_checkpoint(path, model=torch.nn.Linear(4, 2),
+                    optimizer=torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1), scaler=fresh)
+    assert fresh.state_dict() == saved
