@@ -349,6 +349,21 @@ def _usable_position(position, config, loaders, path: str) -> Optional[dict]:
     return position
 
 
+def _left_to_train(path: str, start_epoch: int, position: Optional[dict], config) -> bool:
+    """Whether a run resumed from ``path`` at ``start_epoch`` has anything left to train; a checkpoint
+    beyond TRAIN.EPOCHS is a mistake, not a finished run."""
+    if start_epoch > config.TRAIN.EPOCHS:
+        raise UserError(f'{path} has trained {start_epoch} epochs, more than TRAIN.EPOCHS '
+                        f'{config.TRAIN.EPOCHS}; raise TRAIN.EPOCHS to continue it, or give a new '
+                        f'run another --output or --tag')
+    if start_epoch == config.TRAIN.EPOCHS and position is None:
+        logger.info(f'the run is already complete: {path} ends epoch {start_epoch - 1}, the last '
+                    f'of TRAIN.EPOCHS {config.TRAIN.EPOCHS}; nothing to train (raise TRAIN.EPOCHS '
+                    f'to train longer)')
+        return False
+    return True
+
+
 def train(config, loaders, model, device, autocast, dtype, out, metrics_path) -> int:
     rank = get_rank()
     resume, ckpt = config.MODEL.RESUME, None
@@ -381,14 +396,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
         if state['has_training_state']:
             start_epoch, max_accuracy = state['epoch'] + 1, state['max_accuracy']
             position = _usable_position(state['entries'].get('position'), config, loaders, resume)
-        if start_epoch > config.TRAIN.EPOCHS:
-            raise UserError(f'{resume} has trained {start_epoch} epochs, more than TRAIN.EPOCHS '
-                            f'{config.TRAIN.EPOCHS}; raise TRAIN.EPOCHS to continue it, or give a new '
-                            f'run another --output or --tag')
-        if start_epoch == config.TRAIN.EPOCHS and position is None:
-            logger.info(f'the run is already complete: {resume} ends epoch {start_epoch - 1}, the last '
-                        f'of TRAIN.EPOCHS {config.TRAIN.EPOCHS}; nothing to train (raise TRAIN.EPOCHS '
-                        f'to train longer)')
+        if not _left_to_train(resume, start_epoch, position, config):
             return 0
         where = f' step {position["step"]}/{steps_per_epoch}' if position else ''
         logger.info(f'resumed from {resume}: continuing at epoch {start_epoch}{where}')

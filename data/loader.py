@@ -95,6 +95,9 @@ def build_loader(config, train: bool = True) -> Loaders:
             SeededSamples(train_set), batch_size=config.DATA.BATCH_SIZE, sampler=sampler,
             num_workers=_workers(config), pin_memory=_pin(config), drop_last=True,
             worker_init_fn=seed_worker, generator=torch.Generator(),
-            persistent_workers=False, collate_fn=collate_with_problems), config.DATA.SKIP_CORRUPT)
+            # No sample's randomness depends on a worker's history, so workers can live on across
+            # epochs instead of starting afresh every epoch.
+            persistent_workers=_workers(config) > 0, collate_fn=collate_with_problems),
+            config.DATA.SKIP_CORRUPT)
     return Loaders(train=train_loader, val=_val_loader(config, val_set), num_classes=num_classes,
                    mixup=build_mixup(config, num_classes) if train else None, seed=config.SEED)

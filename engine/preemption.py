@@ -76,7 +76,7 @@ class Preemption:
 
     def poll(self) -> Tuple[bool, bool]:
         """(stop, save), the same on every process: stop when any process was signalled, save when
-        stopping or when rank 0's periodic save is due."""
+        stopping or when the periodic save is due (by the clock of any process)."""
         due = self.save_minutes > 0 and time.monotonic() - self._last_save >= 60 * self.save_minutes
         flags = torch.tensor([float(self.signum is not None), float(due)], device=self.device)
         stop, save = (all_reduce_sum(flags) > 0).tolist()
