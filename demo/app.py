@@ -173,9 +173,9 @@ class Demo:
         start = time.perf_counter()
         if image is None:
             raise UserError('no image: upload one or pick an example')
-        loaded = self.load(architecture, checkpoint)
         if resolution is not None and not 16 <= int(resolution) <= 2048:
             raise UserError(f'resolution {resolution} px is out of range; use 16 to 2048')
+        loaded = self.load(architecture, checkpoint)
         config = self.config(architecture, num_classes=loaded.config.MODEL.NUM_CLASSES,
                              img_size=None if resolution is None else int(resolution))
         batch, display = prepare_images([image.convert('RGB')], build_transform(False, config))

@@ -26,6 +26,7 @@ from timm.data import ImageNetInfo, create_transform
 
 from config import load_config
 from demo.app import IMAGE_NAME, Demo, architectures, block_label, main
+from errors import UserError
 from models.pretrained import to_hf
 from test_models import case_model, rel_err
 from tools.visualize import (DPI, KERNEL_INCHES, PANEL_INCHES, ModulationArrays, display_image,
@@ -199,7 +200,6 @@ def test_layouts_and_classifier(demo, case, photos):
     (dict(resolution=4), 'resolution 4 px'),
 ])
 def test_mistakes_are_named(demo, case, photos, change, message):
-    from errors import UserError
     _, files = case
     args = dict(architecture='srf_case', checkpoint=str(files['official']),
                 image=Image.open(photos[0]), blocks=['stage 3 block 0'], gate=None, resolution=None)
@@ -408,7 +408,8 @@ def test_page_in_a_browser(server, photos, tmp_path):
     assert shot.width == 1400 and shot.height > 1000 and pixels(shot).std() > 20
     if os.environ.get('FOCALNET_UPDATE_SCREENSHOT') == '1':
         # A 256-colour palette keeps the README's figure small.
-        shot.convert('RGB').quantize(256).save(SCREENSHOT, optimize=True)
+        shot.convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE).save(SCREENSHOT,
+                                                                          optimize=True)
 
 
 def test_server_reached_nothing_outside(server):
