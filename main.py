@@ -9,8 +9,6 @@ many nodes:
     python main.py --cfg configs/focalnet_tiny_srf.yaml --throughput --batch-size 64
 """
 import argparse
-import datetime
-import json
 import logging
 import math
 import os
@@ -18,7 +16,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -29,15 +26,17 @@ import faults
 from config import get_config, lr_scale, output_dir, with_num_classes
 from data import build_loader
 from data.robust import report_skipped
-from errors import TrainingStopped, UserError
-from logger import NAME as LOGGER_NAME, close_logger, create_logger
+from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from,
+                    make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
+from errors import UserError
+from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from models.cost import count_flops, count_params
 from optimizer import build_optimizer
-from utils import (all_reduce_sum, auto_resume_file, checkpoint_path, cleanup_distributed,
-                   derive_seed, get_rank, get_world_size, init_distributed, is_distributed,
-                   load_checkpoint, save_checkpoint, seed_everything)
+from utils import (all_reduce_sum, auto_resume_file, checkpoint_path, derive_seed, get_rank,
+                   get_world_size, init_distributed, is_distributed, load_checkpoint, save_checkpoint,
+                   seed_everything)
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -69,17 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Mixed precision: one code path; autocast and the scaler are no-ops when off.
-# ---------------------------------------------------------------------------------------------------
-
-
-def amp_dtype(config, device: torch.device) -> Optional[torch.dtype]:
-    if device.type != 'cuda' or config.AMP_OPT_LEVEL == 'O0':
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 @dataclass
 class Trainer:
     """The pieces a training step uses."""
@@ -90,44 +78,22 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
-    autocast: Callable
+    optimizer_step: OptimizerStep
     device: torch.device
     mixup: Optional[Callable] = None
     ema: Optional[nn.Module] = None
     writer: Optional[object] = None
 
 
-def _memory_mb(device) -> str:
-    if device.type == 'cuda':
-        return f' mem {torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MB'
-    import resource  # peak resident memory of this process; Linux reports kilobytes
-    return f' rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MB'
-
-
-def _check_update(scaler, grad_norm: torch.Tensor, epoch: int, idx: int, num_steps: int):
-    """Stop before an update that would make the weights non-finite. With a float16 scaler an
-    overflowing step is skipped and the scale halved, as usual; a scale driven below 1 means the
-    gradients overflow whatever the scale, and training stops."""
-    where = f'at epoch {epoch} step {idx}/{num_steps}; nothing was saved for this epoch'
-    if not scaler.is_enabled():
-        if not math.isfinite(grad_norm.item()):
-            raise TrainingStopped(f'the gradient norm is {grad_norm.item()} {where}')
-    elif scaler.get_scale() < 1.0:
-        raise TrainingStopped(f'float16 gradients overflow persistently (loss scale '
-                              f'{scaler.get_scale():g}) {where}')
-
-
 def train_one_epoch(t: Trainer, loader, epoch: int) -> dict:
     cfg = t.config
     t.model.train()
-    accumulation = max(1, cfg.TRAIN.ACCUMULATION_STEPS)
     num_steps = len(loader)
+    accumulation = t.optimizer_step.accumulation
     updates_per_epoch = math.ceil(num_steps / accumulation)
-    clip = cfg.TRAIN.CLIP_GRAD if cfg.TRAIN.CLIP_GRAD > 0 else math.inf
     loss_sum = norm_sum = 0.0
     updates = 0
-    grad_norm = torch.tensor(0.0)
-    start = end = time.time()
+    progress = Progress(num_steps)
     t.optimizer.zero_grad(set_to_none=True)
     for idx, (images, targets) in enumerate(loader):
         images = images.to(t.device, non_blocking=True)
@@ -138,47 +104,30 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> dict:
         step = epoch * updates_per_epoch + idx // accumulation
         if idx % accumulation == 0:
             t.scheduler.step_update(step)  # the rate of this optimizer step
-        last_micro = (idx + 1) % accumulation == 0 or idx + 1 == num_steps
-        # Gradients are exchanged only on the micro-batch that ends an optimizer step.
-        sync = nullcontext() if last_micro or not is_distributed() else t.model.no_sync()
-        with sync:
-            with t.autocast():
-                loss = t.criterion(t.model(images), targets)
-            # Summed over processes before the backward pass, so that every process sees a
-            # non-finite loss and stops at the same step.
-            loss_value = all_reduce_sum(loss.detach().float()).item() / get_world_size()
-            if not math.isfinite(loss_value):
-                raise TrainingStopped(f'the loss is {loss_value} at epoch {epoch} step {idx}/{num_steps}; '
-                                      f'nothing was saved for this epoch')
-            t.scaler.scale(loss / accumulation).backward()
-        if last_micro:
-            t.scaler.unscale_(t.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(t.module.parameters(), clip)
-            _check_update(t.scaler, grad_norm, epoch, idx, num_steps)
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
-            t.optimizer.zero_grad(set_to_none=True)
+        loss_value, grad_norm = t.optimizer_step(
+            lambda: t.criterion(t.model(images), targets), idx, num_steps,
+            f'at epoch {epoch} step {idx}/{num_steps}; nothing was saved for this epoch')
+        if grad_norm is not None:
             if t.ema is not None:
                 t.ema.update(t.module, step=step)
             norm_sum += grad_norm.item()
             updates += 1
         loss_sum += loss_value
-        now = time.time()
+        tick = progress.tick(idx)
         if idx % cfg.PRINT_FREQ == 0 or idx + 1 == num_steps:
             lr = t.optimizer.param_groups[0]['lr']
-            eta = (now - start) / (idx + 1) * (num_steps - idx - 1)
+            grad_norm = t.optimizer_step.grad_norm.item()
             logger.info(f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{idx}/{num_steps}]  '
-                        f'eta {datetime.timedelta(seconds=int(eta))}  lr {lr:.6e}  '
-                        f'time {now - end:.3f}  loss {loss_value:.4f} ({loss_sum / (idx + 1):.4f})  '
-                        f'grad_norm {grad_norm.item():.4f}{_memory_mb(t.device)}')
+                        f'eta {tick["eta"]}  lr {lr:.6e}  '
+                        f'time {tick["time"]:.3f}  loss {loss_value:.4f} ({loss_sum / (idx + 1):.4f})  '
+                        f'grad_norm {grad_norm:.4f}{memory_mb(t.device)}')
             if t.writer is not None:
                 global_step = epoch * num_steps + idx
                 t.writer.add_scalar('train/loss', loss_value, global_step)
                 t.writer.add_scalar('train/lr', lr, global_step)
-                t.writer.add_scalar('train/grad_norm', grad_norm.item(), global_step)
-        end = now
+                t.writer.add_scalar('train/grad_norm', grad_norm, global_step)
     return {'loss': loss_sum / num_steps, 'grad_norm': norm_sum / max(1, updates),
-            'lr': t.optimizer.param_groups[0]['lr'], 'time_s': time.time() - start}
+            'lr': t.optimizer.param_groups[0]['lr'], 'time_s': time.time() - progress.start}
 
 
 @torch.inference_mode()
@@ -235,35 +184,6 @@ def throughput(model: nn.Module, config, device: torch.device, autocast=nullcont
 # ---------------------------------------------------------------------------------------------------
 
 
-def append_metrics(path: str, record: dict):
-    with open(path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def drop_metrics_from(path: str, epoch: int):
-    """Forget training records of ``epoch`` and later: a resumed run writes them again."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-
-    def keep(line: str) -> bool:
-        try:
-            record = json.loads(line)
-        except ValueError:  # the last line of a run killed while writing it
-            return False
-        return record.get('mode') == 'eval' or record.get('epoch', -1) < epoch
-
-    kept = [line if line.endswith('\n') else line + '\n' for line in lines if keep(line)]
-    if len(kept) != len(lines):
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
 def build_criterion(config, mixup) -> nn.Module:
     if mixup is not None:
         from timm.loss import SoftTargetCrossEntropy
@@ -285,30 +205,17 @@ def make_model(config) -> nn.Module:
         raise UserError(f'the config does not describe a valid FocalNet: {e}') from None
 
 
-def match_grad_layout(model: nn.Module, device: torch.device) -> nn.Module:
-    """Give every parameter the strides its gradient gets, so DistributedDataParallel's buckets need
-    no copies (and it does not warn). The model runs its convolutions on channels-last memory, so the
-    depth-wise and 1x1 kernels get channels-last gradients, whose strides differ from the defaults only
-    in dimensions of size one; which ones differ depends on the device. One backward pass on a small
-    input, in eval mode (no random draws), tells; only the strides change, never a value."""
+def _one_backward(model: nn.Module, device: torch.device):
+    """A backward pass of a batch of two at the training size: with a batch or a map of one, the
+    gradients' layouts are ambiguous."""
     in_chans = model.patch_embed.proj.in_channels
     size = model.img_size if isinstance(model.img_size, (tuple, list)) else (model.img_size,) * 2
-    model.eval()
-    # A batch of two at the training size: with a batch or a map of one, layouts are ambiguous.
     model(torch.zeros(2, in_chans, *size, device=device)).float().sum().backward()
-    for p in model.parameters():
-        if p.grad is not None and p.grad.stride() != p.stride():
-            p.data = torch.empty_strided(p.shape, p.grad.stride(), dtype=p.dtype,
-                                         device=p.device).copy_(p.data)
-    model.zero_grad(set_to_none=True)
-    return model
 
 
 def run_throughput(config, device) -> int:
     model = make_model(config).to(device)
-    throughput(model, config, device, partial(torch.autocast, device.type,
-                                              dtype=amp_dtype(config, device) or torch.float32,
-                                              enabled=amp_dtype(config, device) is not None))
+    throughput(model, config, device, make_autocast(device, amp_dtype(config, device)))
     return 0
 
 
@@ -336,12 +243,11 @@ def run(args) -> int:
     seed_everything(config.SEED)  # the same initial weights in every process
     model = make_model(config).to(device)
     if is_distributed():
-        model = match_grad_layout(model, device)
+        model = match_grad_layout(model, lambda m: _one_backward(m, device))
     logger.info(f'{config.MODEL.NAME}: {count_params(model) / 1e6:.2f}M parameters, '
                 f'{count_flops(model, config.DATA.IMG_SIZE) / 1e9:.2f} GFLOPs at {config.DATA.IMG_SIZE} px')
     dtype = amp_dtype(config, device)
-    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.float32,
-                       enabled=dtype is not None)
+    autocast = make_autocast(device, dtype)
     metrics_path = os.path.join(out, 'metrics.jsonl')
 
     if config.EVAL_MODE:
@@ -377,7 +283,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
     optimizer = build_optimizer(config, model, scale)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     scheduler = build_scheduler(config, optimizer, math.ceil(len(loaders.train) / accumulation), scale)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = make_scaler(device, dtype)
     ema = None
     if config.TRAIN.EMA.ENABLED:
         from timm.utils import ModelEmaV3
@@ -395,16 +301,15 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
     if rank == 0:
         drop_metrics_from(metrics_path, start_epoch)
 
-    ddp = model
-    if is_distributed():
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    ddp = wrap_ddp(model, device)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(out)
+    step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation,
+                         config.TRAIN.CLIP_GRAD)
     trainer = Trainer(config, ddp, model, build_criterion(config, loaders.mixup), optimizer, scheduler,
-                      scaler, autocast, device, loaders.mixup, ema, writer)
+                      scaler, step, device, loaders.mixup, ema, writer)
 
     logger.info(f'training epochs {start_epoch} to {config.TRAIN.EPOCHS - 1}')
     for epoch in range(start_epoch, config.TRAIN.EPOCHS):
@@ -444,27 +349,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.pretrained import CheckpointError
-    try:
-        return run(args)
-    except (UserError, CheckpointError) as e:
-        _report(f'error: {e}')
-        return 2
-    except TrainingStopped as e:
-        _report(f'training stopped: {e}')
-        return 3
-    finally:
-        cleanup_distributed()
-        close_logger()
-
-
-def _report(message: str):
-    """One line on stderr from every process (the failing one may not be rank 0), and in the log file."""
-    message = ' '.join(line.strip() for line in message.splitlines())
-    for handler in logger.handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
-    print(message, file=sys.stderr, flush=True)
+    return run_cli(lambda: run(args))
 
 
 if __name__ == '__main__':

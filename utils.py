@@ -130,11 +130,13 @@ def set_rng_state(state: dict):
 # Checkpoints: written whole or not at all, read without executing code.
 # ---------------------------------------------------------------------------------------------------
 
-CHECKPOINT_PATTERN = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+# Checkpoints are named by the position they were saved at: ckpt_epoch_<N>.pth for epoch-based runs
+# (classification, detection), ckpt_iter_<N>.pth for iteration-based ones (segmentation).
+CHECKPOINT_UNITS = ('epoch', 'iter')
 
 
-def checkpoint_path(output_dir: str, epoch: int) -> str:
-    return os.path.join(output_dir, f'ckpt_epoch_{epoch}.pth')
+def checkpoint_path(output_dir: str, position: int, unit: str = 'epoch') -> str:
+    return os.path.join(output_dir, f'ckpt_{unit}_{position}.pth')
 
 
 def _atomic_torch_save(obj, path: str, epoch: int = -1):
@@ -175,7 +177,7 @@ def _check_finite(module, what: str, epoch: int):
 
 def _remove_stale_temporaries(directory: str):
     """Temporary files of saves that were killed before their rename (never complete)."""
-    for tmp in glob.glob(os.path.join(glob.escape(directory), '.ckpt_epoch_*.pth.*.tmp')):
+    for tmp in glob.glob(os.path.join(glob.escape(directory), '.ckpt_*.pth.*.tmp')):
         try:
             os.remove(tmp)
         except OSError:
@@ -183,10 +185,13 @@ def _remove_stale_temporaries(directory: str):
 
 
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, scaler, epoch: int,
-                    max_accuracy: float, config, ema=None, keep: int = 0) -> str:
-    """The whole training state after ``epoch``; ``model`` and ``ema`` are the unwrapped modules.
-    Refuses non-finite weights. ``keep`` > 0: afterwards delete all but the ``keep`` newest
-    checkpoints of the folder (the one just written is always kept)."""
+                    max_accuracy: float, config, ema=None, keep: int = 0, unit: str = 'epoch',
+                    extra: Optional[dict] = None) -> str:
+    """The whole training state after ``epoch`` (the iteration, for ``unit`` 'iter'); ``model`` and
+    ``ema`` are the unwrapped modules; ``max_accuracy`` is the best validation score so far (top-1,
+    box AP or mIoU); ``extra`` adds entries of the task's own. Refuses non-finite weights. ``keep`` > 0:
+    afterwards delete all but the ``keep`` newest checkpoints of the folder (the one just written is
+    always kept)."""
     _check_finite(model, 'model', epoch)
     if ema is not None:
         _check_finite(ema, 'EMA', epoch)
@@ -203,26 +208,30 @@ def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, scaler, epoch:
     }
     if ema is not None:
         state['ema'] = ema.state_dict()
+    state.update(extra or {})
     _atomic_torch_save(state, path, epoch)
     if keep > 0:
-        prune_checkpoints(os.path.dirname(os.path.abspath(path)), keep, newest=epoch)
+        prune_checkpoints(os.path.dirname(os.path.abspath(path)), keep, newest=epoch, unit=unit)
     return path
 
 
-def _checkpoints(output_dir: str) -> List[tuple]:
-    """(epoch, path) of the ckpt_epoch_<N>.pth files in ``output_dir``, newest first."""
+def _checkpoints(output_dir: str, unit: str = 'epoch') -> List[tuple]:
+    """(position, path) of the ckpt_<unit>_<N>.pth files in ``output_dir``, newest first."""
+    if unit not in CHECKPOINT_UNITS:
+        raise ValueError(f'checkpoint unit {unit!r}; expected one of {CHECKPOINT_UNITS}')
+    pattern = re.compile(rf'^ckpt_{unit}_(\d+)\.pth$')
     found = []
-    for path in glob.glob(os.path.join(glob.escape(output_dir), 'ckpt_epoch_*.pth')):
-        m = CHECKPOINT_PATTERN.match(os.path.basename(path))
+    for path in glob.glob(os.path.join(glob.escape(output_dir), f'ckpt_{unit}_*.pth')):
+        m = pattern.match(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
     return sorted(found, reverse=True)
 
 
-def prune_checkpoints(output_dir: str, keep: int, newest: int):
-    """Delete checkpoints older than epoch ``newest`` (just written, complete) beyond the ``keep``
-    newest. Files of later epochs (left by another run) are not this run's to judge, and stay."""
-    older = [path for epoch, path in _checkpoints(output_dir) if epoch < newest]
+def prune_checkpoints(output_dir: str, keep: int, newest: int, unit: str = 'epoch'):
+    """Delete checkpoints older than position ``newest`` (just written, complete) beyond the ``keep``
+    newest. Files of later positions (left by another run) are not this run's to judge, and stay."""
+    older = [path for position, path in _checkpoints(output_dir, unit) if position < newest]
     for path in older[max(0, keep - 1):]:
         os.remove(path)
         logger.info(f'removed {path} (SAVE_KEEP {keep})')
@@ -252,7 +261,7 @@ def _load_strict(module, state_dict, what: str, path: str):
 def load_checkpoint(path: str, *, model, optimizer=None, lr_scheduler=None, scaler=None,
                     ema=None) -> dict:
     """Load what ``path`` holds into the given objects (those left None are skipped); return
-    {'epoch', 'max_accuracy', 'config', 'has_training_state'}. The model is loaded strictly."""
+    {'epoch', 'max_accuracy', 'config', 'has_training_state', 'entries'}. The model is loaded strictly."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         raise UserError(f'{path} is not a training checkpoint (no "model" entry); '
@@ -277,14 +286,15 @@ def load_checkpoint(path: str, *, model, optimizer=None, lr_scheduler=None, scal
         'max_accuracy': float(ckpt.get('max_accuracy', 0.0)),
         'config': ckpt.get('config'),
         'has_training_state': training_state,
+        'entries': ckpt,  # everything the file holds, for a task's own extra entries
     }
 
 
-def auto_resume_file(output_dir: str) -> Optional[str]:
+def auto_resume_file(output_dir: str, unit: str = 'epoch') -> Optional[str]:
     """The newest readable checkpoint in ``output_dir``, or None. This run writes files whole (renamed
     into place when complete), but a file truncated or damaged by other means, or one that a
     weights-only load refuses, is passed over with a warning in favour of the one before."""
-    for _, path in _checkpoints(output_dir):
+    for _, path in _checkpoints(output_dir, unit):
         try:
             read_checkpoint(path, mmap=True)  # a look, not a read: the load reads it afterwards
         except UserError as e:

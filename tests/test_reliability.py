@@ -348,13 +348,13 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 def test_float16_overflow_is_skipped_unless_persistent_and_non_finite_gradients_stop():
     from errors import TrainingStopped
-    from main import _check_update
+    from engine import check_update
     model = torch.nn.Linear(4, 1)
     # float32 without a scaler: a non-finite gradient norm stops before the update.
     off = torch.amp.GradScaler('cpu', enabled=False)
-    _check_update(off, torch.tensor(3.0), 0, 1, 4)
+    check_update(off, torch.tensor(3.0), 'at epoch 0 step 1/4')
     with pytest.raises(TrainingStopped, match='gradient norm is nan at epoch 2 step 1/4'):
-        _check_update(off, torch.tensor(float('nan')), 2, 1, 4)
+        check_update(off, torch.tensor(float('nan')), 'at epoch 2 step 1/4')
     # float16 with a scaler: overflowing steps are skipped and the scale halved; once the scale is
     # below 1 the gradients overflow whatever the scale, and training stops.
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16, enabled=True)
@@ -366,7 +366,7 @@ def test_float16_overflow_is_skipped_unless_persistent_and_non_finite_gradients_
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            _check_update(scaler, norm, 0, step, 40)
+            check_update(scaler, norm, f'at epoch 0 step {step}/40')
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad()
@@ -375,7 +375,7 @@ def test_float16_overflow_is_skipped_unless_persistent_and_non_finite_gradients_
 
 
 def test_metrics_of_a_run_killed_mid_line_are_dropped_on_resume(tmp_path):
-    from main import drop_metrics_from
+    from engine import drop_metrics_from
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"epoch": 0, "acc1": 1.0}\n{"mode": "eval", "acc1": 2.0}\n{"epoch": 1, "ac')
     drop_metrics_from(str(path), 1)

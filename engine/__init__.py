@@ -1,0 +1,16 @@
+"""The pieces every training entry point shares (classification, detection, segmentation).
+
+main.py, ``python -m detection`` and ``python -m segmentation`` connect them; none of them owns a copy.
+Distributed setup, seeds and checkpoints live in utils.py, the logger in logger.py, the optimizer and
+schedule builders in optimizer.py and lr_scheduler.py.
+"""
+from .amp import amp_dtype, make_autocast, make_scaler
+from .cli import report, run_cli
+from .ddp import match_grad_layout, wrap_ddp
+from .metrics import append_metrics, drop_metrics_from
+from .progress import Progress, memory_mb
+from .step import OptimizerStep, check_update
+
+__all__ = ['amp_dtype', 'make_autocast', 'make_scaler', 'report', 'run_cli', 'match_grad_layout',
+           'wrap_ddp', 'append_metrics', 'drop_metrics_from', 'Progress', 'memory_mb',
+           'OptimizerStep', 'check_update']
