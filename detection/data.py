@@ -200,8 +200,10 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
     val_set = DetectionSet(val_coco, range(rank, len(val_coco), world),
                            build_transforms(config, False, category_to_label, with_masks),
                            {'image_id'}, skip_corrupt=d.SKIP_CORRUPT, refill=False)
+    # One image per step, as mmdetection tests: a batch pads its images to a common size, and the
+    # padding would make the scores depend on which images share a batch.
     val_loader = SkipReportingLoader(DataLoader(
-        val_set, batch_size=d.BATCH_SIZE, shuffle=False, num_workers=_workers(config),
+        val_set, batch_size=1, shuffle=False, num_workers=_workers(config),
         pin_memory=pin, worker_init_fn=seed_worker, collate_fn=collate), d.SKIP_CORRUPT)
 
     train_loader = None

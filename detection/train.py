@@ -204,6 +204,8 @@ def _check_categories(state: dict, loaders, path: str):
 def run(args) -> int:
     config = get_config(args)
     check_detection_config(config)
+    if config.EVAL_MODE and not config.MODEL.RESUME:
+        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>')
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
     rank = get_rank()
     out = output_dir(config)
@@ -229,8 +231,6 @@ def run(args) -> int:
     metrics_path = os.path.join(out, 'metrics.jsonl')
 
     if config.EVAL_MODE:
-        if not config.MODEL.RESUME:
-            raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>')
         state = load_checkpoint(config.MODEL.RESUME, model=model)
         _check_categories(state, loaders, config.MODEL.RESUME)
         metrics = run_evaluation(config, model, loaders, device, autocast)
