@@ -5,7 +5,7 @@ is what torchvision's ``MaskRCNN``, ``FasterRCNN``, ``RetinaNet`` and ``FCOS`` t
 own the heads, the losses, the resizing and the post-processing.
 """
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -207,8 +207,6 @@ def test_evaluation_matches_pycocotools(coco_root):
     rng = np.random.default_rng(1)
     ours, theirs = [], []
     for image_id in coco.getImgIds():
-        info = coco.imgs[image_id]
-        H, W = info['height'], info['width']
         boxes, labels, scores, masks = [], [], [], []
         for ann in coco.imgToAnns[image_id]:
             x, y, w, h = (np.array(ann['bbox']) + rng.uniform(-4, 4, 4)).tolist()
