@@ -83,6 +83,8 @@ def check_detection_config(config):
     if steps != sorted(steps) or any(not 0 < s < config.TRAIN.EPOCHS for s in steps):
         raise UserError(f'DETECTION.LR_STEPS must be increasing epochs between 1 and TRAIN.EPOCHS - 1 '
                         f'({config.TRAIN.EPOCHS - 1}); got {steps}')
+    if config.TRAIN.EMA.ENABLED:
+        raise UserError('TRAIN.EMA.ENABLED: python -m detection keeps no weight EMA; set it False')
     if d.METHOD == 'fcos' and d.FPN_CHANNELS % 32:
         raise UserError(f'DETECTION.FPN_CHANNELS must be a multiple of 32 for fcos (its heads use group '
                         f'norm with 32 groups); got {d.FPN_CHANNELS}')

@@ -376,7 +376,31 @@ def test_pretrained_backbone_weights(reference, tmp_path):
         assert torch.equal(value, official['state_dict'][key]), key
 
 
-# ---------------------------------------------------------------------------------- the cost table
+# ---------------------------------------------------------------------------------- configs and cost
+
+# Stochastic depth of the official Mask R-CNN configs, per size and schedule.
+OFFICIAL_DROP_PATH = {('tiny', '1x'): 0.1, ('small', '1x'): 0.2, ('base', '1x'): 0.3,
+                      ('tiny', '3x'): 0.3, ('small', '3x'): 0.5, ('base', '3x'): 0.5}
+
+
+def test_the_48_configs_hold_the_official_recipe():
+    paths = sorted((ROOT / 'configs' / 'detection').glob('*.yaml'))
+    assert len(paths) == 4 * 3 * 2 * 2
+    for path in paths:
+        method, size, rf, schedule = path.stem.replace('_focalnet', '').rsplit('_', 3)
+        c = load_config(str(path))
+        assert c.DETECTION.METHOD == method and c.MODEL.NAME == path.stem
+        assert c.MODEL.FOCAL.EMBED_DIM == (128 if size == 'base' else 96)
+        assert list(c.MODEL.FOCAL.DEPTHS) == ([2, 2, 6, 2] if size == 'tiny' else [2, 2, 18, 2])
+        assert list(c.MODEL.FOCAL.FOCAL_LEVELS) == [2 if rf == 'srf' else 3] * 4
+        assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == ([9] * 4 if 'rcnn' in method else [11, 9, 9, 7])
+        assert c.MODEL.DROP_PATH_RATE == OFFICIAL_DROP_PATH[(size, schedule)]
+        assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS)) == ((12, [9, 11]) if schedule == '1x' else (36, [27, 33]))
+        assert (c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY, c.TRAIN.OPTIMIZER.NAME, c.TRAIN.CLIP_GRAD) == (1e-4, 0.05, 'adamw', 0)
+        assert c.DATA.BATCH_SIZE * 8 == c.DETECTION.BASE_BATCH == 16
+        assert (list(c.DETECTION.MIN_SIZE_TRAIN), c.DETECTION.MIN_SIZE_TEST, c.DETECTION.MAX_SIZE) == (
+            list(range(480, 801, 32)), 800, 1333)
+
 
 def test_detection_cost_table(tmp_path, reference):
     from tools import benchmark
@@ -405,6 +429,7 @@ def test_detection_cost_table(tmp_path, reference):
     (['--opts', 'DETECTION.METHOD', 'yolo'], 'DETECTION.METHOD must be one of mask_rcnn, faster_rcnn'),
     (['--opts', 'DETECTION.LR_STEPS', '[11, 9]'], 'DETECTION.LR_STEPS must be increasing'),
     (['--eval'], '--eval needs the detector to evaluate'),
+    (['--opts', 'DETECTION.METHOD', 'fcos', 'DETECTION.FPN_CHANNELS', '48'], 'multiple of 32 for fcos'),
 ])
 def test_user_mistakes_are_one_line_errors(coco_root, tmp_path, capsys, extra, message):
     from detection.train import main
