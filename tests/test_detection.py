@@ -195,8 +195,20 @@ def test_augmentation_moves_boxes_and_masks_together(coco_root):
     assert cropped > 5
 
 
-def _gt_masks(coco, image_id):
-    return {a['id']: coco.annToMask(a) for a in coco.imgToAnns[image_id]}
+def test_damaged_image_stops_naming_it_or_is_skipped(coco_root, tmp_path):
+    import shutil
+    from data.robust import CorruptImageError
+    root = tmp_path / 'coco'
+    shutil.copytree(coco_root, root)
+    victim = sorted((root / 'val2017').iterdir())[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated
+    loaders = build_detection_loaders(config_for(root), train=False)
+    with pytest.raises(CorruptImageError, match=str(victim)):
+        for _ in loaders.val:
+            pass
+    loaders = build_detection_loaders(config_for(root, 'DATA.SKIP_CORRUPT', 'True'), train=False)
+    seen = [t['image_id'] for _, targets in loaders.val for t in targets]
+    assert len(seen) == 23 and list(loaders.val.skipped) == [str(victim)]
 
 
 def test_evaluation_matches_pycocotools(coco_root):
