@@ -167,6 +167,53 @@ _C.TEST = CN()
 _C.TEST.CROP = True
 
 # ---------------------------------------------------------------------------------------------------
+# Object detection (python -m detection; main.py ignores this group)
+# ---------------------------------------------------------------------------------------------------
+# The backbone is the one MODEL.FOCAL.*, MODEL.DROP_PATH_RATE and TRAIN.USE_CHECKPOINT describe; the
+# optimizer and its rate, decay and clipping are TRAIN.*. The schedule is the detection one below:
+# TRAIN.LR_SCHEDULER.NAME, TRAIN.WARMUP_EPOCHS and TRAIN.MIN_LR do not apply. DATA.DATA_PATH is the
+# COCO root, DATA.BATCH_SIZE the images per process, MODEL.NUM_CLASSES is set from the annotations.
+_C.DETECTION = CN()
+# torchvision detector: 'mask_rcnn', 'faster_rcnn' (FPN on stages 0-3 plus a max-pooled level),
+# 'retinanet' or 'fcos' (FPN on stages 1-3 plus P6 and P7).
+_C.DETECTION.METHOD = 'mask_rcnn'
+# <DATA_PATH>/<split>/ images and <DATA_PATH>/annotations/instances_<split>.json.
+_C.DETECTION.TRAIN_SPLIT = 'train2017'
+_C.DETECTION.VAL_SPLIT = 'val2017'
+# Training images without a single non-crowd object are left out (as mmdetection's filter_empty_gt).
+_C.DETECTION.FILTER_EMPTY = True
+# Channels of the feature pyramid, and of the two-stage heads: the box head's two fully connected
+# layers and the mask head's four convolutions (256 / 1024 / 256 in the paper's Mask R-CNN).
+_C.DETECTION.FPN_CHANNELS = 256
+_C.DETECTION.BOX_HEAD_DIM = 1024
+_C.DETECTION.MASK_HEAD_DIM = 256
+# Anchors the RPN samples per image and proposals the box head samples per image (two-stage).
+_C.DETECTION.RPN_BATCH_SIZE = 256
+_C.DETECTION.ROI_BATCH_SIZE = 512
+# Resizing happens in the detector: in training the shorter side is drawn per image from
+# MIN_SIZE_TRAIN, at test time it is MIN_SIZE_TEST; the longer side is capped at MAX_SIZE.
+_C.DETECTION.MIN_SIZE_TRAIN = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
+_C.DETECTION.MIN_SIZE_TEST = 800
+_C.DETECTION.MAX_SIZE = 1333
+_C.DETECTION.HFLIP = 0.5
+# The official recipe's second augmentation policy, taken for half the training images: shorter
+# side resized to one of CROP_RESIZE, a random crop of CROP_SIZE[0]..CROP_SIZE[1] pixels a side, then
+# the multi-scale resize. An empty CROP_RESIZE turns it off.
+_C.DETECTION.CROP_RESIZE = [400, 500, 600]
+_C.DETECTION.CROP_SIZE = [384, 600]
+# Learning rate: TRAIN.BASE_LR is for a global batch of BASE_BATCH images (scaled linearly); linear
+# warm-up from TRAIN.WARMUP_LR over WARMUP_ITERS optimizer steps; multiplied by
+# TRAIN.LR_SCHEDULER.DECAY_RATE at the start of each epoch listed in LR_STEPS.
+_C.DETECTION.BASE_BATCH = 16
+_C.DETECTION.WARMUP_ITERS = 500
+_C.DETECTION.LR_STEPS = [9, 11]
+# Test time: detections kept per image, and the score they need.
+_C.DETECTION.SCORE_THRESH = 0.05
+_C.DETECTION.DETECTIONS_PER_IMAGE = 100
+# Evaluate on the validation set every EVAL_FREQ epochs, and after the last.
+_C.DETECTION.EVAL_FREQ = 1
+
+# ---------------------------------------------------------------------------------------------------
 # Run
 # ---------------------------------------------------------------------------------------------------
 # Mixed precision: 'O0' turns it off; anything else uses torch.amp on CUDA (bfloat16 where the GPU

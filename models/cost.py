@@ -59,3 +59,19 @@ def count_flops(model: FocalNet, img_size: Union[int, Tuple[int, int]] = 224) ->
     if isinstance(model.head, nn.Linear):
         flops += model.head.in_features * model.head.out_features
     return flops
+
+
+def count_dense_flops(model, img_size: Union[int, Tuple[int, int]]) -> int:
+    """Multiply-adds of a dense backbone (models.dense.FocalNetDense) on an ``img_size`` input,
+    counted as count_flops counts: the stem and the stages on the padded grids (ceil at every
+    stride), then one operation per element for each output norm instead of the final norm and head."""
+    H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
+    flops, H, W = _embed_flops(model.patch_embed, H, W)
+    for i, stage in enumerate(model.layers):
+        flops += sum(_block_flops(block, H * W) for block in stage.blocks)
+        if i in model.out_indices:
+            flops += H * W * model.dims[i]
+        if stage.downsample is not None:
+            f, H, W = _embed_flops(stage.downsample, H, W)
+            flops += f
+    return flops

@@ -11,9 +11,9 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from test_models import case_model, rel_err
-from tools.visualize import (DPI, KERNEL_INCHES, PANEL_INCHES, display_image, figure_size,
-                             kernel_maps, main, modulation_arrays, plot_gating, plot_kernels,
-                             plot_modulator, upsample)
+from tools.visualize import (DPI, KERNEL_INCHES, PANEL_INCHES, class_names, display_image,
+                             figure_image, figure_size, kernel_maps, main, modulation_arrays,
+                             plot_gating, plot_kernels, plot_modulator, upsample)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -136,6 +136,33 @@ def test_figures_for_real_photos(srf, photos, tmp_path):
     assert grid == (8, 5)  # 4 stages x 2 levels; footprint + 4 channels
     panels = saved_panels(fig, tmp_path / 'kernels.png')
     assert len(panels) == 40 and all(p.std() > 5 for p in panels)
+
+
+def test_figure_image_is_the_png_savefig_writes(srf, photos, tmp_path):
+    model, _ = srf
+    images = photo_batch(photos[:1])
+    arrays = modulation_arrays(model, images, [(-1, -1)])
+
+    def draw():  # a fresh figure each time: constrained layout settles again on a second draw
+        return plot_gating([display_image(images[0], MEAN, STD)], arrays, (3, 0), ['china.jpg'])[0]
+
+    draw().savefig(tmp_path / 'gating.png', dpi=DPI)
+    assert np.array_equal(np.asarray(figure_image(draw())), png(tmp_path / 'gating.png'))
+
+
+def test_class_names_are_timms_imagenet_names():
+    from timm.data import ImageNetInfo
+
+    names = class_names(1000)
+    info = ImageNetInfo('imagenet-1k')
+    assert len(names) == 1000 and names[0] == info.index_to_description(0) == 'tench, Tinca tinca'
+    # Two classes are called crane (the bird and the machine): their WordNet ids tell them apart.
+    assert [names[i] for i in (134, 517)] == ['crane (n02012849)', 'crane (n03126707)']
+    assert len(set(names)) == 1000
+    names = class_names(21842)  # the 22K releases' order
+    assert len(names) == 21842 and len(set(names)) == 21842
+    assert names[0] == 'tench, Tinca tinca'
+    assert class_names(10) is None
 
 
 # ---- the command -----------------------------------------------------------------------------------

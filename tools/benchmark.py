@@ -6,6 +6,8 @@
 
 ``--table`` prints parameters (M) and FLOPs (G, multiply-adds at 224 px, as the paper counts them) for
 the nine ImageNet-1K models next to the paper's values, and with ``--throughput`` images/s measured here.
+``--table detection`` prints the detection table's cost columns: Mask R-CNN with FocalNet-T/S/B, kernels
+[9,11] and [9,11,13], at 1280x800 (detection/cost.py), next to the official README's values.
 ``--compare`` builds the same architecture in this codebase and in timm (``timm``) or Hugging Face
 transformers (``hf``), copies one set of weights into both, checks that they agree, then times inference
 and a training step (forward, cross-entropy, backward, SGD step) in alternating rounds in one process.
@@ -358,6 +360,37 @@ def run_table(args, device) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+def run_detection_table(args, device) -> Tuple[List[dict], List[str]]:
+    """Parameters and FLOPs of the Mask R-CNN rows of the official README's detection table."""
+    from config import load_config
+    from detection.cost import PAPER_MASK_RCNN, detector_cost
+    env = environment(device)
+    rows = []
+    for name, paper in PAPER_MASK_RCNN.items():
+        log(f'[table detection] {name}')
+        config = load_config(str(ROOT / 'configs' / 'detection' / f'{name}_1x.yaml'))
+        cost = detector_cost(config)
+        rows.append(dict(config=name, kernels=paper['kernels'], params_m=cost['params'] / 1e6,
+                         gflops=cost['gflops'], backbone_params_m=cost['backbone_params'] / 1e6,
+                         backbone_gflops=cost['backbone_gflops'], img_size=[800, 1280],
+                         paper_params_m=paper['params_m'], paper_gflops=paper['gflops'],
+                         paper_box_map_1x=paper['box_map'][0], paper_mask_map_1x=paper['mask_map'][0],
+                         paper_box_map_3x=paper['box_map'][1], paper_mask_map_3x=paper['mask_map'][1],
+                         commit=env['commit']))
+    lines = [f'commit {env["commit"]}. Mask R-CNN (torchvision) with FPN, 80 classes, at 1280x800; FLOPs are '
+             'multiply-adds with the box head on 1000 RoIs and the mask head on 100, as mmdetection\'s '
+             'get_flops runs it. Paper: the official FocalNet README (mmdetection).', '',
+             '| backbone | kernels | params (M) | paper | GFLOPs | paper | backbone params (M) | '
+             'backbone GFLOPs | box / mask mAP 1x (paper) | 3x (paper) |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f'| {r["config"]} | {r["kernels"]} | {r["params_m"]:.1f} | {r["paper_params_m"]:.1f} | '
+                     f'{r["gflops"]:.0f} | {r["paper_gflops"]:.0f} | {r["backbone_params_m"]:.2f} | '
+                     f'{r["backbone_gflops"]:.1f} | {r["paper_box_map_1x"]} / {r["paper_mask_map_1x"]} | '
+                     f'{r["paper_box_map_3x"]} / {r["paper_mask_map_3x"]} |')
+    return rows, lines
+
+
 def run_compare(args, device) -> Tuple[List[dict], List[str]]:
     env = environment(device)
     rows, lines = [], []
@@ -411,7 +444,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument('--table', action='store_true', help='the ImageNet-1K table\'s cost columns')
+    what.add_argument('--table', nargs='?', const='imagenet', choices=('imagenet', 'detection'),
+                      help='a table\'s cost columns: imagenet (the default) or detection (Mask R-CNN '
+                           'at 1280x800)')
     what.add_argument('--compare', choices=sorted(TWINS), help='time ours against another implementation')
     p.add_argument('--throughput', action='store_true', help='with --table: measure inference images/s')
     p.add_argument('--models', nargs='+', help='model names (default: the nine ImageNet-1K models; '
@@ -451,8 +486,8 @@ def parse_args(argv=None):
             raise UsageError(f'--{opt.replace("_", "-")} must be at least 1, got {getattr(args, opt)}')
     if args.clock == 'cpu' and args.device.startswith('cuda'):
         raise UsageError('--clock cpu times CPU work; CUDA runs use the wall clock')
-    if args.throughput and not args.table:
-        raise UsageError('--throughput goes with --table')
+    if args.throughput and args.table != 'imagenet':
+        raise UsageError('--throughput goes with --table (the ImageNet table)')
     return args
 
 
@@ -469,7 +504,8 @@ def main(argv=None) -> int:
             raise UsageError('--amp fp16 needs a GPU; use bf16 on the CPU')
         if args.threads:
             torch.set_num_threads(args.threads)
-        rows, lines = (run_table if args.table else run_compare)(args, device)
+        run = {'imagenet': run_table, 'detection': run_detection_table, None: run_compare}[args.table]
+        rows, lines = run(args, device)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

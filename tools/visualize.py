@@ -18,13 +18,17 @@ Maps are upsampled bilinearly (never nearest, which gives a chessboard) over the
 cell covers, then cropped to the image. The gates and the modulator come from
 ``FocalNet.modulation_maps``, the model's own forward pass.
 
-The figure code is a set of pure functions (``kernel_maps``, ``modulation_arrays``, ``plot_*``)
-that take a model and image tensors; ``build`` and ``load_images`` read the config, checkpoint and
-images for the command line.
+The figure code is a set of pure functions (``kernel_maps``, ``modulation_arrays``, ``plot_*``,
+``figure_image``) that take a model and image tensors; ``load_model``, ``prepare_images`` and
+``class_names`` give them a model with its weights, images and class names. demo/app.py draws its
+page with these same functions.
 """
 import argparse
+import functools
+import io
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from PIL import Image, UnidentifiedImageError
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from torchvision import transforms as T
 
 from config import load_config
@@ -118,7 +123,7 @@ def upsample(maps: torch.Tensor, image_size: Tuple[int, int], stride: int) -> to
 @dataclass
 class ModulationArrays:
     """What the figures draw for one image batch; maps are (B, ., H, W) at the image's size."""
-    logits: torch.Tensor                        # (B, num_classes)
+    logits: Optional[torch.Tensor]              # (B, num_classes); None without a classifier
     gates: Dict[BlockId, torch.Tensor]          # raw gates (B, L + 1, h, w)
     gates_up: Dict[BlockId, torch.Tensor]       # bilinearly upsampled (B, L + 1, H, W)
     magnitude: Dict[BlockId, torch.Tensor]      # |modulator| over channels (B, h, w)
@@ -139,7 +144,23 @@ def modulation_arrays(model: FocalNet, images: torch.Tensor,
         gates_up[(s, b)] = upsample(gates[(s, b)], size, stride)
         magnitude[(s, b)] = m['modulator'].float().norm(dim=1).cpu()
         magnitude_up[(s, b)] = upsample(magnitude[(s, b)][:, None], size, stride)[:, 0]
-    return ModulationArrays(logits.float().cpu(), gates, gates_up, magnitude, magnitude_up)
+    # A backbone (num_classes 0) has no classifier: what its head returns are pooled features.
+    logits = logits.float().cpu() if model.num_classes > 0 else None
+    return ModulationArrays(logits, gates, gates_up, magnitude, magnitude_up)
+
+
+@functools.lru_cache(maxsize=4)
+def class_names(num_classes: int) -> Optional[Tuple[str, ...]]:
+    """Names of the ImageNet classes for a classifier of ``num_classes`` outputs (1000: ImageNet-1K,
+    21842: the ImageNet-22K order of the FocalNet releases), from timm's offline lists; None for any
+    other number. A name that two classes share gets its WordNet id appended."""
+    subset = infer_imagenet_subset({'num_classes': num_classes})
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    names, synsets = info.label_descriptions(), info.label_names()
+    counts = Counter(names)
+    return tuple(f'{n} ({s})' if counts[n] > 1 else n for n, s in zip(names, synsets))
 
 
 def display_image(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -164,9 +185,25 @@ def _grid(rows: int, cols: int, panel: float) -> Tuple[Figure, np.ndarray]:
     return fig, axes
 
 
-def _prediction(logits: torch.Tensor) -> str:
-    p = logits.softmax(-1)
-    return f'class {int(p.argmax())} (p={float(p.max()):.2f})'
+def _row_title(name: str, arrays: ModulationArrays, i: int,
+               classes: Optional[Sequence[str]] = None) -> str:
+    """The image's name and, with a classifier, the predicted class and its probability."""
+    if arrays.logits is None:
+        return name
+    p = arrays.logits[i].softmax(-1)
+    top = int(p.argmax())
+    # A title has room for the first of a class's synonyms only.
+    label = classes[top].split(',')[0] if classes else f'class {top}'
+    return f'{name}\n{label} (p={float(p.max()):.2f})'
+
+
+def figure_image(fig: Figure) -> Image.Image:
+    """The figure as the RGB image that savefig writes to a PNG file."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=DPI)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return image.convert('RGB')
 
 
 def plot_kernels(kernels: Sequence[KernelMap], channels: int = 8, cmap: str = 'viridis',
@@ -193,15 +230,17 @@ def plot_kernels(kernels: Sequence[KernelMap], channels: int = 8, cmap: str = 'v
 
 
 def plot_gating(images: Sequence[np.ndarray], arrays: ModulationArrays, block: BlockId,
-                names: Sequence[str], cmap: str = 'viridis') -> Tuple[Figure, Tuple[int, int]]:
-    """One row per image: the image, then the gate of each focal level and of the global context."""
+                names: Sequence[str], cmap: str = 'viridis',
+                classes: Optional[Sequence[str]] = None) -> Tuple[Figure, Tuple[int, int]]:
+    """One row per image: the image, then the gate of each focal level and of the global context.
+    ``classes`` names the predicted class in each row's title (else its index)."""
     gates = arrays.gates_up[block].numpy()
     levels = gates.shape[1] - 1
     rows, cols = len(images), 2 + levels
     fig, axes = _grid(rows, cols, PANEL_INCHES)
     for i, (row, image) in enumerate(zip(axes, images)):
         row[0].imshow(image)
-        row[0].set_title(f'{names[i]}\n{_prediction(arrays.logits[i])}', fontsize=8)
+        row[0].set_title(_row_title(names[i], arrays, i, classes), fontsize=8)
         vmin, vmax = float(gates[i].min()), float(gates[i].max())
         for g in range(levels + 1):
             im = row[1 + g].imshow(gates[i, g], cmap=cmap, vmin=vmin, vmax=vmax)
@@ -215,13 +254,15 @@ def plot_gating(images: Sequence[np.ndarray], arrays: ModulationArrays, block: B
 
 def plot_modulator(images: Sequence[np.ndarray], arrays: ModulationArrays,
                    blocks: Sequence[BlockId], names: Sequence[str], cmap: str = 'viridis',
-                   alpha: float = 0.6) -> Tuple[Figure, Tuple[int, int]]:
-    """One row per image: the image, then |modulator| of each block laid over it."""
+                   alpha: float = 0.6,
+                   classes: Optional[Sequence[str]] = None) -> Tuple[Figure, Tuple[int, int]]:
+    """One row per image: the image, then |modulator| of each block laid over it. ``classes`` as in
+    ``plot_gating``."""
     rows, cols = len(images), 1 + len(blocks)
     fig, axes = _grid(rows, cols, PANEL_INCHES)
     for i, (row, image) in enumerate(zip(axes, images)):
         row[0].imshow(image)
-        row[0].set_title(f'{names[i]}\n{_prediction(arrays.logits[i])}', fontsize=8)
+        row[0].set_title(_row_title(names[i], arrays, i, classes), fontsize=8)
         for j, block in enumerate(blocks):
             magnitude = arrays.magnitude_up[block][i].numpy()
             # Each panel is scaled to its own range: magnitudes differ by orders between stages.
@@ -245,10 +286,12 @@ def render(model: FocalNet, images: torch.Tensor, display: Sequence[np.ndarray],
     kernels = kernel_maps(model, kernel_block)
     arrays = modulation_arrays(model, images, [gate_block, *modulator_blocks])
     output.mkdir(parents=True, exist_ok=True)
+    classes = class_names(model.num_classes)
     figures = {
         'kernels': plot_kernels(kernels, channels=channels, cmap=cmap)[0],
-        'gating_maps': plot_gating(display, arrays, gate_block, names, cmap=cmap)[0],
-        'modulator': plot_modulator(display, arrays, modulator_blocks, names, cmap=cmap)[0],
+        'gating_maps': plot_gating(display, arrays, gate_block, names, cmap=cmap, classes=classes)[0],
+        'modulator': plot_modulator(display, arrays, modulator_blocks, names, cmap=cmap,
+                                    classes=classes)[0],
     }
     paths = {}
     for name, fig in figures.items():
@@ -264,15 +307,21 @@ def load_images(paths: Sequence[str], transform) -> Tuple[torch.Tensor, List[np.
     Display images undo the transform's normalisation, so they show the resized and centre-cropped
     picture the maps belong to.
     """
-    tensors = []
+    images = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f'image not found: {path}')
         try:
             with Image.open(path) as image:
-                tensors.append(transform(image.convert('RGB')))
+                images.append(image.convert('RGB'))
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f'cannot read image {path}: {e}') from None
+    return prepare_images(images, transform)
+
+
+def prepare_images(images: Sequence[Image.Image], transform) -> Tuple[torch.Tensor, List[np.ndarray]]:
+    """``load_images`` for images already in memory (RGB)."""
+    tensors = [transform(image) for image in images]
     sizes = {tuple(t.shape) for t in tensors}
     if len(sizes) > 1:
         raise UserError(f'the evaluation transform gives images of different sizes {sorted(sizes)}; '
@@ -344,22 +393,30 @@ def config_opts(args: argparse.Namespace) -> List[str]:
 def build(args: argparse.Namespace):
     """Config, model with its weights, and evaluation transform from the command line."""
     config = load_config(args.cfg, config_opts(args))
+    checkpoint = args.checkpoint or config.MODEL.PRETRAINED
+    if checkpoint and not Path(checkpoint).exists():
+        raise UserError(f'checkpoint not found: {checkpoint}')
+    try:
+        model, _ = load_model(config, checkpoint)
+    except CheckpointError as e:
+        raise UserError(f'cannot load {checkpoint}: {e}\n(--cfg and --opts must describe the '
+                        'architecture of the checkpoint, MODEL.NUM_CLASSES included)') from None
+    return config, model, build_transform(False, config)
+
+
+def load_model(config, checkpoint: Optional[str] = None) -> Tuple[FocalNet, Optional[dict]]:
+    """The config's model and, from ``checkpoint`` (any file or folder load_pretrained reads), its
+    weights and load_pretrained's report; without a checkpoint, random weights seeded with SEED and
+    None, with a warning. A checkpoint that cannot be read or does not fit raises CheckpointError."""
     torch.manual_seed(config.SEED)  # random weights, when no checkpoint is given, are repeatable
     model = build_model(config)
-    checkpoint = args.checkpoint or config.MODEL.PRETRAINED
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise UserError(f'checkpoint not found: {checkpoint}')
-        try:
-            info = load_pretrained(model, checkpoint)
-        except CheckpointError as e:
-            raise UserError(f'cannot load {checkpoint}: {e}\n(--cfg and --opts must describe the '
-                            'architecture of the checkpoint, MODEL.NUM_CLASSES included)') from None
-        logger.info('loaded %s (%s layout)', checkpoint, info['layout'])
-    else:
+    if not checkpoint:
         logger.warning('no checkpoint given: drawing a randomly initialised %s; the maps show '
                        'nothing learned', config.MODEL.NAME or 'model')
-    return config, model, build_transform(False, config)
+        return model, None
+    info = load_pretrained(model, checkpoint)
+    logger.info('loaded %s (%s layout)', checkpoint, info['layout'])
+    return model, info
 
 
 def run(args: argparse.Namespace) -> Dict[str, Path]:

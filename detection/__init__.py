@@ -1,0 +1,9 @@
+"""Object detection with FocalNet backbones: torchvision's Mask R-CNN, Faster R-CNN, RetinaNet and FCOS
+on the dense backbone (models/dense.py), COCO-layout data, pycocotools evaluation.
+
+    python -m detection --cfg configs/detection/<method>_focalnet_<size>_<srf|lrf>_<1x|3x>.yaml \
+        --data-path <coco root> [--pretrained <imagenet weights>] --output <dir> [--opts KEY VALUE ...]
+"""
+from .model import METHODS, FocalNetFPN, build_detector, dense_backbone
+
+__all__ = ['METHODS', 'FocalNetFPN', 'build_detector', 'dense_backbone']

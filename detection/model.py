@@ -1,0 +1,105 @@
+"""torchvision detectors on the FocalNet dense backbone.
+
+The detector is a composition: ``FocalNetFPN`` (the dense backbone and torchvision's feature pyramid)
+is what torchvision's ``MaskRCNN``, ``FasterRCNN``, ``RetinaNet`` and ``FCOS`` take as ``backbone``; they
+own the heads, the losses, the resizing and the post-processing.
+"""
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyramidNetwork,
+                                                     LastLevelMaxPool, LastLevelP6P7)
+
+from models.dense import FocalNetDense, build_dense_backbone
+
+METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos')
+TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
+
+
+class FocalNetFPN(nn.Module):
+    """The dense backbone's maps through torchvision's FPN: an ordered dict of ``out_channels`` maps,
+    as torchvision's ``BackboneWithFPN`` returns (whose layer getter cannot run a FocalNet)."""
+
+    def __init__(self, body: FocalNetDense, out_channels: int = 256,
+                 extra_blocks: Optional[ExtraFPNBlock] = None):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(list(body.out_channels), out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        maps = self.body(x)
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+
+class ResizeNormalize(GeneralizedRCNNTransform):
+    """torchvision's normalise-resize-batch step with a test size of its own (torchvision's tests at
+    the largest training size)."""
+
+    def __init__(self, train_sizes: Sequence[int], test_size: int, max_size: int):
+        super().__init__(tuple(train_sizes), max_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        self.train_sizes, self.test_size = tuple(train_sizes), int(test_size)
+
+    def resize(self, image, target=None):
+        self.min_size = self.train_sizes if self.training else (self.test_size,)
+        return super().resize(image, target)
+
+
+def backbone_out_indices(method: str) -> tuple:
+    # Two-stage detectors pool RoIs from strides 4-32; the one-stage heads start at stride 8.
+    return (0, 1, 2, 3) if method in TWO_STAGE else (1, 2, 3)
+
+
+def build_detector(config, num_classes: int) -> nn.Module:
+    """The detector ``config.DETECTION.METHOD`` for ``num_classes`` object classes (labels 1..K; 0 is
+    background for the two-stage heads and never a target for the one-stage ones)."""
+    d = config.DETECTION
+    method = d.METHOD
+    if method not in METHODS:
+        raise ValueError(f'unknown DETECTION.METHOD {method!r}; expected one of {", ".join(METHODS)}')
+    body = build_dense_backbone(config, backbone_out_indices(method))
+    C = d.FPN_CHANNELS
+    extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)
+    backbone = FocalNetFPN(body, C, extra)
+    classes = num_classes + 1
+    common = dict(min_size=tuple(d.MIN_SIZE_TRAIN), max_size=d.MAX_SIZE,
+                  image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    if method in TWO_STAGE:
+        kwargs = dict(
+            common,
+            # mmdetection's RPN of the official configs: 2000 boxes per level before NMS and 1000
+            # per image after it in training; 1000 and 1000 at test time.
+            rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
+            rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
+            rpn_batch_size_per_image=d.RPN_BATCH_SIZE, box_batch_size_per_image=d.ROI_BATCH_SIZE,
+            box_score_thresh=d.SCORE_THRESH, box_detections_per_img=d.DETECTIONS_PER_IMAGE,
+            box_head=TwoMLPHead(C * 7 * 7, d.BOX_HEAD_DIM),
+            box_predictor=FastRCNNPredictor(d.BOX_HEAD_DIM, classes))
+        if method == 'faster_rcnn':
+            model = FasterRCNN(backbone, **kwargs)
+        else:
+            model = MaskRCNN(backbone, mask_head=MaskRCNNHeads(C, [d.MASK_HEAD_DIM] * 4, 1),
+                             mask_predictor=MaskRCNNPredictor(d.MASK_HEAD_DIM, d.MASK_HEAD_DIM, classes),
+                             **kwargs)
+    else:
+        cls = RetinaNet if method == 'retinanet' else FCOS
+        model = cls(backbone, classes, score_thresh=d.SCORE_THRESH,
+                    detections_per_img=d.DETECTIONS_PER_IMAGE, **common)
+    model.transform = ResizeNormalize(d.MIN_SIZE_TRAIN, d.MIN_SIZE_TEST, d.MAX_SIZE)
+    return model
+
+
+def dense_backbone(model: nn.Module) -> FocalNetDense:
+    """The FocalNet inside a detector built by build_detector (its ``backbone.body``)."""
+    return model.backbone.body
+
+
+def has_masks(method: str) -> bool:
+    return method == 'mask_rcnn'
