@@ -43,8 +43,8 @@ def run_cli(run: Callable[[], int]) -> int:
         report(str(e), console=get_rank() == 0)  # every process stops at the same step: say it once
         return e.exit_code
     except KeyboardInterrupt:
-        report('interrupted by a second SIGINT: stopped at once, without saving; the newest checkpoint '
-               'in the output folder is intact')
+        report('interrupted (SIGINT): stopped at once, without saving; the newest checkpoint in the '
+               'output folder is intact')
         return EXIT_BASE + signal.SIGINT
     except OSError as e:
         if not _no_space(e):

@@ -136,6 +136,27 @@ def test_an_output_path_through_a_file_is_one_line(tiny_cfg, tiny_data, tmp_path
                       f'{tmp_path / "out"} is a file, not a folder\n'
 
 
+@pytest.mark.parametrize('error, reason', [
+    (PermissionError(13, 'Permission denied'), 'Permission denied'),  # (root may write anywhere)
+    (OSError(28, 'No space left on device'), 'no space left on the device'),
+])
+def test_an_output_folder_that_cannot_be_written_is_found_before_any_work(tmp_path, monkeypatch, error,
+                                                                          reason):
+    import builtins
+    import utils
+
+    def refuse(path, *args, **kwargs):
+        if '.write_test.' in str(path):
+            raise error
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(utils, 'open', refuse, raising=False)
+    with pytest.raises(UserError) as info:
+        utils.ensure_writable_dir(str(tmp_path / 'out'))
+    assert str(info.value) == f'cannot write to the output folder {tmp_path / "out"}: {reason}'
+    assert list((tmp_path / 'out').iterdir()) == []
+
+
 def test_a_full_disk_stops_in_one_line(tiny_cfg, tiny_data, tmp_path, capsys):
     # /dev/full fails every write with ENOSPC: the log file and metrics.jsonl live on a full disk.
     folder = run_dir(tmp_path)
