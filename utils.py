@@ -561,6 +561,8 @@ def load_checkpoint(path: str, *, model, optimizer=None, lr_scheduler=None, scal
     _load_strict(model, ckpt['model'], 'model', path)
     if ema is not None and 'ema' in ckpt:
         _load_strict(ema, ckpt['ema'], 'EMA model', path)
+    elif ema is not None:  # a checkpoint of a run without EMA: the average starts from its weights
+        ema.load_state_dict(model.state_dict())
     training_state = all(k in ckpt for k in ('optimizer', 'epoch'))
     if training_state and optimizer is not None:
         settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]

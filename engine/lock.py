@@ -8,7 +8,6 @@ when it has not been refreshed for ``STALE_AFTER_S`` seconds. The other processe
 nothing themselves; they learn rank 0's outcome and stop with it.
 """
 import json
-import logging
 import os
 import socket
 import threading
@@ -17,8 +16,6 @@ from typing import Optional
 
 from errors import UserError
 from utils import STALE_AFTER_S, all_gather_objects, ensure_writable_dir, get_rank, process_alive
-
-logger = logging.getLogger('focalnet')
 
 LOCK_NAME = 'run.lock'
 HEARTBEAT_S = 30  # how often the holder refreshes the lock; well below STALE_AFTER_S
@@ -125,8 +122,8 @@ class RunLock:
         return True
 
     def _read_holder(self) -> Optional[dict]:
-        """The holder's record; an empty or half-written one (a run creating it right now) counts as
-        a live holder of this host. None when the lock went away."""
+        """The holder's record, None when the lock went away. One that stays unreadable (a run
+        writing it right now, or a damaged file) is judged by its age, as another host's."""
         for _ in range(5):
             try:
                 with open(self.path) as f:

@@ -6,7 +6,6 @@ handler only records the signal. The training loop asks :meth:`Preemption.poll` 
 step; the answer is summed over the processes, so all of them stop (or save) after the same step even
 when only one was signalled. A second SIGINT stops at once, without a save.
 """
-import logging
 import signal
 import threading
 import time
@@ -15,8 +14,6 @@ from typing import Optional, Tuple
 import torch
 
 from utils import all_reduce_sum
-
-logger = logging.getLogger('focalnet')
 
 # A run stopped by a signal exits as a process killed by that signal is reported by shells, Slurm and
 # Kubernetes (128 + the signal number: 143 for SIGTERM, 130 for SIGINT), so requeue scripts that already
