@@ -22,3 +22,18 @@ def reference() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope='session')
+def photo_folder(tmp_path_factory):
+    """photo_folder(n_train, n_val=0): an ImageFolder tree of random JPEG crops (120-500 px, aspects
+    from about 1:4 to 4:1) of scikit-learn's two sample photos, one class per photo (tests/photos.py).
+    Each (n_train, n_val) is written once per session."""
+    from photos import write_photo_folder
+    made = {}
+
+    def make(n_train: int, n_val: int = 0) -> Path:
+        if (n_train, n_val) not in made:
+            made[n_train, n_val] = write_photo_folder(tmp_path_factory.mktemp('photos'), n_train, n_val)
+        return made[n_train, n_val]
+    return make
