@@ -19,6 +19,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder, find_clas
 from errors import UserError
 from utils import all_gather_objects, get_rank
 
+from .images import to_rgb
+
 logger = logging.getLogger('focalnet')
 
 # (path, reason) for one unreadable file.
@@ -50,14 +52,15 @@ def open_image(path: str) -> Image.Image:
 
 
 def decode_image(file: BinaryIO, path: str) -> Image.Image:
-    """An RGB image from an open file; ``path`` names it in the error."""
+    """An upright 8-bit RGB image from an open file (any mode, see data.images); ``path`` names it
+    in the error."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some libraries set this module global, which makes PIL pad truncated files silently.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         img = Image.open(file)
         img.load()
-        return img.convert('RGB')
+        return to_rgb(img)
     except UnidentifiedImageError:
         raise CorruptImageError(path, 'not a known image format, or a damaged header') from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

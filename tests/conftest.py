@@ -37,3 +37,13 @@ def photo_folder(tmp_path_factory):
             made[n_train, n_val] = write_photo_folder(tmp_path_factory.mktemp('photos'), n_train, n_val)
         return made[n_train, n_val]
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as in a loader worker: per-image transforms are tiny tensor operations,
+    which a thread pool only slows down (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -90,7 +90,7 @@ def test_every_release_config_is_in_a_transform_group():
 
 @pytest.mark.parametrize('paths', _transform_groups(),
                          ids=lambda g: f'{cfg.load_config(g[0]).DATA.IMG_SIZE}px-{len(g)}-configs')
-def test_release_training_transform_on_thousands_of_photo_crops(paths, photo_folder):
+def test_release_training_transform_on_thousands_of_photo_crops(paths, photo_folder, one_thread):
     # 3000 crops of 120-500 px and aspects 1:4 to 4:1, each transformed once. At ~1/660 per image,
     # the unfixed posterize raised a few times in every such run.
     files = sorted((photo_folder(3000) / 'train').rglob('*.jpg'))
@@ -103,16 +103,11 @@ def test_release_training_transform_on_thousands_of_photo_crops(paths, photo_fol
     op, = _augment_ops(transforms[0], 'PosterizeIncreasing')
     posterize = op.aug_fn
     op.aug_fn = lambda img, bits, **kw: (black.append(bits) if bits <= 0 else None) or posterize(img, bits, **kw)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a loader worker; on a busy machine this is also much faster
-    try:
-        for i, path in enumerate(files):
-            # Every config of the group runs its own transform; the group's first takes the rest.
-            out = transforms[i % len(transforms) if i < 10 * len(transforms) else 0](open_image(str(path)))
-            assert out.shape == (3, size, size) and out.dtype == torch.float32, path
-            assert torch.isfinite(out).all(), path
-    finally:
-        torch.set_num_threads(threads)
+    for i, path in enumerate(files):
+        # Every config of the group runs its own transform; the group's first takes the rest.
+        out = transforms[i % len(transforms) if i < 10 * len(transforms) else 0](open_image(str(path)))
+        assert out.shape == (3, size, size) and out.dtype == torch.float32, path
+        assert torch.isfinite(out).all(), path
     assert black, 'no image drew posterize at magnitude 10; the test did not reach the faulty case'
 
 
