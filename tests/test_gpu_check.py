@@ -1,6 +1,5 @@
 """benchmarks/gpu_check.sh: the CPU mode end to end (what CI can run), and the harness around the checks."""
 import json
-import re
 import subprocess
 from pathlib import Path
 

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 from config import load_config
 from data import build_transform
+from data.robust import open_image
 from errors import UserError
 from models import FocalNet, build_model, load_pretrained
 from models.pretrained import CheckpointError
@@ -268,11 +268,9 @@ def load_images(paths: Sequence[str], transform) -> Tuple[torch.Tensor, List[np.
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f'image not found: {path}')
-        try:
-            with Image.open(path) as image:
-                tensors.append(transform(image.convert('RGB')))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f'cannot read image {path}: {e}') from None
+        # Decoded as in training and evaluation (any mode, EXIF orientation applied); an unreadable
+        # file is a one-line error naming it.
+        tensors.append(transform(open_image(path)))
     sizes = {tuple(t.shape) for t in tensors}
     if len(sizes) > 1:
         raise UserError(f'the evaluation transform gives images of different sizes {sorted(sizes)}; '
