@@ -321,7 +321,8 @@ def test_every_augmentation_op_at_extreme_magnitudes(name):
 POLICIES = ['rand-m9-mstd0.5-inc1',          # the releases
             'rand-m9-mstd0.5', 'rand-m10-mstd101', 'rand-m10-mstd101-inc1', 'rand-m30-mmax30-mstd0.5-inc1',
             'rand-m9-n4-p1.0-mstd1-inc1', 'rand-m9-mstd0.5-tweights', 'rand-m9-mstd0.5-t3a',
-            'original', 'originalr', 'v0', 'v0r', '3a', 'augmix-m5-w4-d2', 'augmix-m9-mstd0.5']
+            'original', 'originalr', 'v0', 'v0r', '3a', 'augmix-m5-w4-d2', 'augmix-m9-mstd0.5',
+            'none']                          # colour jitter instead
 
 
 @pytest.mark.parametrize('policy', POLICIES)
