@@ -52,6 +52,15 @@ def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, monkeypa
     assert 'Traceback' in report['checks'][1]['traceback']
 
 
+def test_without_triton_the_cpu_mode_skips_the_fused_check(tmp_path, monkeypatch, capsys, one_thread):
+    from models import fused
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    monkeypatch.setattr(fused, 'triton_importable', lambda: False)
+    assert gpu_check.main(['--cpu', '--only', 'fused', '--out', str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert 'SKIP fused' in out and 'triton is not installed' in out and '0 of 1 checks passed; skipped: fused' in out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the message for machines without CUDA')
 def test_without_cuda_the_gpu_mode_says_to_use_cpu_mode(capsys):
     assert gpu_check.main([]) == 2
