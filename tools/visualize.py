@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import ImageNetInfo, infer_imagenet_subset
 from torchvision import transforms as T
 
 from config import load_config
 from data import build_transform
+from data.robust import open_image
 from errors import UserError
 from models import FocalNet, build_model, load_pretrained
 from models.pretrained import CheckpointError
@@ -307,16 +308,12 @@ def load_images(paths: Sequence[str], transform) -> Tuple[torch.Tensor, List[np.
     Display images undo the transform's normalisation, so they show the resized and centre-cropped
     picture the maps belong to.
     """
-    images = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f'image not found: {path}')
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert('RGB'))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f'cannot read image {path}: {e}') from None
-    return prepare_images(images, transform)
+    # Decoded as in training and evaluation (any mode, EXIF orientation applied); an unreadable file
+    # is a one-line error naming it.
+    return prepare_images([open_image(path) for path in paths], transform)
 
 
 def prepare_images(images: Sequence[Image.Image], transform) -> Tuple[torch.Tensor, List[np.ndarray]]:
