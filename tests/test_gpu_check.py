@@ -40,13 +40,17 @@ def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, monkeypa
     def crashing(mode, out):
         raise RuntimeError('CUDA error: an illegal memory access was encountered')
 
+    def passing(mode, out):
+        return {'summary': 'fine'}
+
     monkeypatch.setitem(gpu_check.RUNNERS, 'train', broken)
     monkeypatch.setitem(gpu_check.RUNNERS, 'fused', crashing)
+    monkeypatch.setitem(gpu_check.RUNNERS, 'compile', passing)
     assert gpu_check.main(['--cpu', '--only', 'train', 'fused', 'compile', '--out', str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert 'FAIL train' in out and 'the loss did not fall' in out
     assert 'FAIL fused' in out and 'RuntimeError: CUDA error' in out
-    assert 'PASS compile' in out and '1 of 3 checks passed; failed: train, fused' in out
+    assert 'PASS compile (0s): fine' in out and '1 of 3 checks passed; failed: train, fused' in out
     report = json.loads((tmp_path / 'gpu_check_cpu.json').read_text())
     assert [c['status'] for c in report['checks']] == ['FAIL', 'FAIL', 'PASS']
     assert 'Traceback' in report['checks'][1]['traceback']

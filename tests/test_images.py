@@ -21,6 +21,7 @@ from torchvision import transforms as T
 
 import config as cfg
 from data import build_transform
+from data.images import to_rgb
 from data.robust import RobustImageFolder, decode_image
 from data.transforms import POSTERIZE_OPS, ResizeCenterCrop, release_posterize
 from photos import random_crop, sample_photos
@@ -94,9 +95,10 @@ def test_grey_palette_bilevel_and_colour_spaces_convert_as_pillow_does():
     cmyk = Image.fromarray(RGB).convert('CMYK')
     assert np.array_equal(_decode(_encode(cmyk, 'TIFF')), RGB)
     assert np.abs(_decode(_encode(cmyk, 'JPEG')).astype(int) - RGB).mean() < 4
-    for mode in ('LAB', 'YCbCr'):
-        out = _decode(_encode(Image.fromarray(RGB).convert(mode), 'TIFF'))
-        assert np.abs(out.astype(int) - RGB).mean() < 3, mode
+    out = _decode(_encode(Image.fromarray(RGB).convert('LAB'), 'TIFF'))
+    assert np.abs(out.astype(int) - RGB).mean() < 3
+    # YCbCr as decoded (Pillow 12 cannot read back its own YCbCr TIFF files, so no file here).
+    assert np.abs(np.asarray(to_rgb(Image.fromarray(RGB).convert('YCbCr'))).astype(int) - RGB).mean() < 3
 
 
 @pytest.mark.parametrize('fmt', ['PNG', 'WEBP'])
