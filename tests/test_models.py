@@ -109,19 +109,21 @@ def test_gradient_checkpointing_changes_nothing(name):
         torch.testing.assert_close(grads[0][1][n], grads[1][1][n], msg=n)
 
 
-def test_non_square_and_padded_inputs():
+def test_non_square_inputs_floor():
+    """As in the official classification model, the patch convolutions drop what does not fill a patch."""
     model = tiny('focalnet_tiny_srf').eval()
     for h, w in [(96, 64), (70, 90)]:
-        feats = model.forward_intermediates(torch.randn(1, 3, h, w))
+        feats = model.forward_intermediates(torch.randn(1, 3, h, w), intermediates_only=True)
         assert [f.shape[1] for f in feats] == [16, 32, 64, 128]
-        assert feats[0].shape[-2:] == (-(-h // 4), -(-w // 4))
+        assert [tuple(f.shape[-2:]) for f in feats] == [(h // 4 >> i, w // 4 >> i) for i in range(4)]
 
 
 def test_intermediates_match_forward():
     model = tiny('focalnet_small_lrf').eval()
     x = torch.randn(2, 3, 64, 64)
-    feats = model.forward_intermediates(x)
+    final, feats = model.forward_intermediates(x)
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    torch.testing.assert_close(final, model.forward_features(x))
     pooled = model.norm(feats[-1].permute(0, 2, 3, 1)).mean((1, 2))
     torch.testing.assert_close(model.head(pooled), model(x))
 
