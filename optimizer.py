@@ -63,7 +63,8 @@ def build_optimizer(config, model: nn.Module, lr_scale: float = 1.0) -> torch.op
     under TRAIN.LAYER_DECAY)."""
     opt = config.TRAIN.OPTIMIZER
     if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
-        raise UserError(f'TRAIN.LAYER_DECAY must be in (0, 1] (1 turns it off); got {config.TRAIN.LAYER_DECAY}')
+        raise UserError(f'TRAIN.LAYER_DECAY must be in (0, 1] (1 turns it off); '
+                        f'got {config.TRAIN.LAYER_DECAY}')
     groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, config.TRAIN.LAYER_DECAY)
     lr = config.TRAIN.BASE_LR * lr_scale
     for group in groups:

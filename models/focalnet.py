@@ -554,7 +554,8 @@ class FocalNet(nn.Module):
                 x = stage.forward_block(b, x)
                 if (s, b) in wanted:
                     index = wanted[(s, b)]
-                    y = self.norm(x) if norm and self.feature_info[index]['num_chs'] == self.num_features else x
+                    fits = self.feature_info[index]['num_chs'] == self.num_features
+                    y = self.norm(x) if norm and fits else x
                     found[index] = y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y
                 if (s, b) == last:
                     done = True

@@ -1,6 +1,6 @@
 """The released FocalNet architectures by name, and the builders that read them or a config."""
 from os import PathLike
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Sequence, Union
 
 import torch.nn as nn
 

@@ -20,6 +20,9 @@ What was changed, and why:
   which takes the tensors at the ``feature_info`` modules as they are: (B, H, W, C) for FocalNet.
   In its place, torchvision's create_feature_extractor is pointed at the ``feature_info`` modules
   and must return exactly the features of forward_intermediates (then scripted).
+- The fx tests trace with timm's leaf modules and functions and torchvision's
+  create_feature_extractor, as timm's do; timm's extra step for models with several train-mode
+  outputs is not needed (FocalNet has one).
 - Left out: test_model_inference (timm's pretrained test_* models only), the *_non_std variants
   (FocalNet is a standard spatial model), and the NaFlex/Gemma tests (other architectures).
 """
@@ -27,15 +30,12 @@ import math
 
 import pytest
 import torch
-import timm
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import FeatureInfo, adapt_input_conv, get_notrace_functions, get_notrace_modules
 from timm.models.focalnet import _create_focalnet
-from torchvision.models.feature_extraction import (NodePathTracer, create_feature_extractor,
-                                                   get_graph_node_names)
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from models import create_model, list_models
-from models.pretrained import to_timm
 
 RELEASES = list_models()
 CONTROL = 'timm.focalnet_tiny_srf'  # timm's own FocalNet
@@ -267,21 +267,15 @@ def test_model_forward_intermediates(name):
     assert torch.allclose(output, output3, rtol=1e-4, atol=1e-5)
 
 
-def _create_fx_model(model, train=False):
-    """timm's helper: trace with torchvision's tracer, return the graph's output node(s)."""
+def _fx_model(model):
+    """The model as a torch.fx graph built by torchvision's create_feature_extractor, traced with
+    timm's leaf modules and functions, returning the graph's last node (the logits) in train and in
+    eval mode."""
     tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
                          param_shapes_constant=True)
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    eval_return_nodes, train_return_nodes = [eval_nodes[-1]], [train_nodes[-1]]
-    if train:
-        graph = NodePathTracer(**tracer_kwargs).trace(model)
-        graph_nodes = list(reversed(graph.nodes))
-        output_node_names = [n.name for n in graph_nodes[0]._input_nodes.keys()]
-        graph_node_names = [n.name for n in graph_nodes]
-        output_node_indices = [-graph_node_names.index(node_name) for node_name in output_node_names]
-        train_return_nodes = [train_nodes[ix] for ix in output_node_indices]
-    return create_feature_extractor(model, train_return_nodes=train_return_nodes,
-                                    eval_return_nodes=eval_return_nodes, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, train_return_nodes=train_nodes[-1:],
+                                    eval_return_nodes=eval_nodes[-1:], tracer_kwargs=tracer_kwargs)
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -290,7 +284,7 @@ def test_model_forward_fx(name):
     with torch.inference_mode():
         inputs = torch.randn(1, *_get_input_size(model, TARGET_FX_SIZE))
         outputs = model(inputs)
-        fx_outputs = torch.cat(tuple(_create_fx_model(model)(inputs).values()))
+        fx_outputs = torch.cat(tuple(_fx_model(model)(inputs).values()))
     assert torch.all(fx_outputs == outputs)
     assert outputs.shape[0] == 1 and not torch.isnan(outputs).any()
 
@@ -299,7 +293,7 @@ def test_model_forward_fx(name):
 def test_model_backward_fx(name):
     model = build(name, num_classes=42).train()
     num_params = _params(model)
-    fx_model = _create_fx_model(model, train=True)
+    fx_model = _fx_model(model)
     outputs = torch.cat(tuple(fx_model(torch.randn(2, *_get_input_size(model, TARGET_FX_SIZE))).values()))
     outputs.mean().backward()
     for n, p in fx_model.named_parameters():
@@ -311,7 +305,7 @@ def test_model_backward_fx(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_model_forward_fx_torchscript(name):
     model = build(name).eval()
-    scripted = torch.jit.script(_create_fx_model(model))
+    scripted = torch.jit.script(_fx_model(model))
     x = torch.randn(1, *_get_input_size(model, TARGET_JIT_SIZE))
     with torch.inference_mode():
         outputs = torch.cat(tuple(scripted(x).values()))

@@ -134,7 +134,8 @@ def class_names(num_classes: int, labels: str = 'auto') -> Tuple[Optional[List[T
 
 def predict(model: torch.nn.Module, paths: Sequence[Path], transform, topk: int = 5,
             batch_size: int = 16, workers: int = 0, device: str = 'cpu',
-            names: Optional[List[Tuple[str, str]]] = None, progress: bool = False) -> Tuple[List[dict], List[dict]]:
+            names: Optional[List[Tuple[str, str]]] = None,
+            progress: bool = False) -> Tuple[List[dict], List[dict]]:
     """(results, errors): for each readable image its top-k classes with probabilities, in input
     order; for each unreadable one the reason."""
     from tqdm import tqdm
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> Tuple[List[dict], List[dict]]:
     config, model, _ = load_model(args.cfg, args.model, args.checkpoint,
                                   opts_from_flags(args.opts, args.img_size))
     if model.num_classes == 0:
-        raise UserError(f'{args.checkpoint}: a backbone-only checkpoint (no classifier) cannot predict classes')
+        raise UserError(f'{args.checkpoint}: a backbone-only checkpoint (no classifier) cannot '
+                        f'predict classes')
     names, source = class_names(model.num_classes, args.labels)
     logger.info('%d images, %s, %d classes (names: %s)', len(paths), config.MODEL.NAME,
                 model.num_classes, source)
