@@ -105,15 +105,15 @@ def class_names(num_classes: int, labels: str = 'auto') -> Tuple[Optional[List[T
     """((label, description) per class, or None; where they come from)."""
     if labels == 'none':
         return None, 'none'
-    if labels == 'auto':
+    auto = labels == 'auto'
+    if auto:
         from timm.data import infer_imagenet_subset
-        subset = infer_imagenet_subset({'num_classes': num_classes})
-        if subset is None:
+        labels = infer_imagenet_subset({'num_classes': num_classes})
+        if labels is None:
             logger.warning('no class names known for %d classes (give --labels FILE); classes are '
                            'shown by index', num_classes)
             return None, 'none'
-        labels = subset
-    if labels in SUBSETS:
+    if auto or labels in SUBSETS:
         from timm.data import ImageNetInfo
         info = ImageNetInfo(labels)
         if info.num_classes() != num_classes:
