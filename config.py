@@ -113,6 +113,10 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Recompute block activations in the backward pass to save memory.
 _C.TRAIN.USE_CHECKPOINT = False
+# Layer-wise learning-rate decay, for fine-tuning: the rate of each block is this factor times the
+# rate of the block above it (the classifier learns at the full rate, the stem at the smallest).
+# 1.0 turns it off; 0.7-0.9 is usual for fine-tuning released weights.
+_C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear' or 'step'; updated every optimizer step.
