@@ -332,7 +332,8 @@ RULES: Dict[str, Rule] = {
     'DATA.FAKE_SIZE': _at_least(1),
     'MODEL.TYPE': _one_of('focalnet', 'focal'),
     'MODEL.NAME': _NAME,
-    'MODEL.NUM_CLASSES': _at_least(1),
+    # 0 builds a backbone without a classifier (the demo's backbone-only weights).
+    'MODEL.NUM_CLASSES': _at_least(0),
     'MODEL.DROP_RATE': _RATE,
     'MODEL.DROP_PATH_RATE': _RATE,
     'MODEL.LABEL_SMOOTHING': _RATE,
@@ -399,6 +400,9 @@ def _cross_checks(config: CN):
         if len(focal[key]) != len(focal.DEPTHS):
             raise UserError(f'MODEL.FOCAL.{key} has {len(focal[key])} entries but MODEL.FOCAL.DEPTHS '
                             f'{list(focal.DEPTHS)} has {len(focal.DEPTHS)} stages; give one per stage')
+    if config.DATA.DATASET == 'fake' and config.MODEL.NUM_CLASSES < 1:
+        raise UserError('MODEL.NUM_CLASSES must be at least 1 for --dataset fake (it labels the images); '
+                        f'got {config.MODEL.NUM_CLASSES}')
     if config.TRAIN.START_EPOCH >= config.TRAIN.EPOCHS:
         raise UserError(f'TRAIN.START_EPOCH must be below TRAIN.EPOCHS ({config.TRAIN.EPOCHS}); '
                         f'got {config.TRAIN.START_EPOCH}')

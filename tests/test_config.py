@@ -135,7 +135,7 @@ BAD_VALUES = [
     ('DATA.FAKE_SIZE', '0', 'an integer >= 1'),
     ('DATA.PIN_MEMORY', 'maybe', 'True or False'),
     ('MODEL.NAME', 'a/b', 'without "/"'),
-    ('MODEL.NUM_CLASSES', '0', 'an integer >= 1'),
+    ('MODEL.NUM_CLASSES', '-1', 'an integer >= 0'),
     ('MODEL.DROP_PATH_RATE', '1.5', 'a number in [0, 1)'),
     ('MODEL.DROP_RATE', 'nan', 'a number in [0, 1)'),
     ('MODEL.LABEL_SMOOTHING', '-0.1', 'a number in [0, 1)'),
@@ -248,6 +248,9 @@ def test_unreadable_or_foreign_config_files_are_one_line_errors(tmp_path, write,
 def test_cross_key_rules():
     with pytest.raises(UserError, match='TRAIN.START_EPOCH must be below TRAIN.EPOCHS'):
         cfg.load_config(None, ['TRAIN.EPOCHS', '10', 'TRAIN.START_EPOCH', '10'])
+    with pytest.raises(UserError, match='MODEL.NUM_CLASSES must be at least 1 for --dataset fake'):
+        cfg.load_config(None, ['DATA.DATASET', 'fake', 'MODEL.NUM_CLASSES', '0'])
+    assert cfg.load_config(None, ['MODEL.NUM_CLASSES', '0']).MODEL.NUM_CLASSES == 0  # a backbone
     with pytest.raises(UserError, match='names a section, not a key; .* such as TRAIN.START_EPOCH'):
         cfg.load_config(None, ['TRAIN', '3'])
 
