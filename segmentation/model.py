@@ -5,7 +5,7 @@ upsampled bilinearly to the input size; in training each head's logits are upsam
 size and scored with cross-entropy, the auxiliary loss weighted. The parts are attributes named as in
 the released checkpoints: ``backbone``, ``decode_head``, ``auxiliary_head``.
 """
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 import faults
-from config import _FLAGS, load_config, output_dir
+import config as config_module
+from config import output_dir
 from data.robust import report_skipped
 from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from, make_autocast,
                     make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
@@ -65,10 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def get_config(args):
-    """Defaults, the config file, --opts, then the named flags; checked and frozen."""
-    overrides = {key: getattr(args, attr) for attr, key in _FLAGS.items()
-                 if getattr(args, attr, None) not in (None, False)}
-    config = load_config(args.cfg, args.opts or (), overrides)
+    """Defaults, the config file, --opts, then the named flags (config.get_config); checked and frozen."""
+    config = config_module.get_config(args)
     check_config(config)
     return config
 
@@ -85,7 +84,8 @@ def check_config(config):
         raise UserError(f'SEG.HEAD.AUX_INDEX must name a backbone stage, 0..{stages - 1}; got {seg.HEAD.AUX_INDEX}')
     lo, hi = seg.AUG.RATIO_RANGE
     if not 0 < lo <= hi:
-        raise UserError(f'SEG.AUG.RATIO_RANGE must be [low, high] with 0 < low <= high; got {list(seg.AUG.RATIO_RANGE)}')
+        raise UserError(f'SEG.AUG.RATIO_RANGE must be [low, high] with 0 < low <= high; '
+                        f'got {list(seg.AUG.RATIO_RANGE)}')
     if config.MODEL.NUM_CLASSES < 2 or config.MODEL.NUM_CLASSES > 255:
         raise UserError(f'MODEL.NUM_CLASSES must be 2..255 (label maps are 8-bit, 255 is ignored); '
                         f'got {config.MODEL.NUM_CLASSES}')
@@ -93,7 +93,7 @@ def check_config(config):
         raise UserError('SEG.TEST.STRIDE, SEG.TEST.CROP_SIZE and SEG.AUG.CROP_SIZE must be positive')
 
 
-def test_options(config, aug_test: bool) -> dict:
+def inference_options(config, aug_test: bool) -> dict:
     """The keyword arguments of inference.predict that the config (and --aug-test) select."""
     t = config.SEG.TEST
     return dict(scale=list(t.SCALE), ratios=list(t.AUG_RATIOS if aug_test else t.RATIOS),
@@ -114,6 +114,15 @@ def lr_scale(config, world_size: int) -> float:
 def evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
     """mIoU, mAcc, aAcc (%) and per-class IoU over the whole validation set, all processes."""
     model.eval()
+    # Images come in many sizes: cuDNN's per-size search would cost more than it saves.
+    benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        return _evaluate(model, loader, device, config, options, autocast)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def _evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
     metric = SegmentationMetric(model.num_classes, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     progress = Progress(len(loader))
@@ -190,7 +199,7 @@ def run(args) -> int:
         if not source:
             raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
         load_segmentor_weights(model, source)
-        options = test_options(config, args.aug_test)
+        options = inference_options(config, args.aug_test)
         result = evaluate(model, val, device, config, options, autocast)
         report_skipped((val,), 'evaluation', out)
         if rank == 0:
@@ -271,7 +280,7 @@ def train(config, model: Segmentor, train_set, val, device, dtype, autocast, out
         writer = SummaryWriter(out)
     loader = train_loader(train_set, config.DATA.BATCH_SIZE, start * accumulation, **loaders)
     batches = iter(loader)
-    options = test_options(config, aug_test=False)
+    options = inference_options(config, aug_test=False)
     progress = Progress(seg.ITERS, first=start)
     window, interval = LossMeans(), LossMeans()  # since the last log line; since the last evaluation
     logger.info(f'training iterations {start} to {seg.ITERS - 1}')
