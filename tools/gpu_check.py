@@ -108,6 +108,7 @@ def train_steps(cfg_file: str, opts: List[str], device: torch.device, dtype: Opt
     """Losses of ``steps`` optimizer steps of main.py's train_one_epoch on one repeated batch."""
     import main
     from config import load_config
+    from engine import OptimizerStep, make_autocast, make_scaler
     from lr_scheduler import build_scheduler
     from optimizer import build_optimizer
 
@@ -119,18 +120,19 @@ def train_steps(cfg_file: str, opts: List[str], device: torch.device, dtype: Opt
     model = main.make_model(config).to(device)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = partial(torch.autocast, device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    scaler = make_scaler(device, dtype)
+    step = OptimizerStep(model, model, optimizer, scaler, make_autocast(device, dtype),
+                         clip_grad=config.TRAIN.CLIP_GRAD)
     recorder = _LossRecorder()
     trainer = main.Trainer(config, model, model, main.build_criterion(config, None), optimizer, scheduler,
-                           scaler, autocast, device, writer=recorder)
+                           scaler, step, device, writer=recorder)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size, generator=g)
     targets = torch.randint(0, 10, (batch,), generator=g)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    main.train_one_epoch(trainer, [(images, targets)] * steps, epoch=0)
+    main.train_one_epoch(trainer, [(images, targets)] * steps, epoch=0, num_steps=steps)
     seconds = time.perf_counter() - start
     losses = recorder.losses
     result = {'losses': [round(v, 4) for v in losses], 'seconds': round(seconds, 2),
