@@ -113,6 +113,10 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Recompute block activations in the backward pass to save memory.
 _C.TRAIN.USE_CHECKPOINT = False
+# Layer-wise learning-rate decay, for fine-tuning: the rate of each block is this factor times the
+# rate of the block above it (the classifier learns at the full rate, the stem at the smallest).
+# 1.0 turns it off; 0.7-0.9 is usual for fine-tuning released weights.
+_C.TRAIN.LAYER_DECAY = 1.0
 
 _C.TRAIN.LR_SCHEDULER = CN()
 # 'cosine', 'linear' or 'step'; updated every optimizer step.
@@ -212,6 +216,67 @@ _C.DETECTION.SCORE_THRESH = 0.05
 _C.DETECTION.DETECTIONS_PER_IMAGE = 100
 # Evaluate on the validation set every EVAL_FREQ epochs, and after the last.
 _C.DETECTION.EVAL_FREQ = 1
+
+# ---------------------------------------------------------------------------------------------------
+# Semantic segmentation (python -m segmentation): UPerNet on the dense FocalNet backbone.
+# The keys above keep their meaning: the backbone is MODEL.FOCAL.*, MODEL.DROP_PATH_RATE and
+# TRAIN.USE_CHECKPOINT; MODEL.NUM_CLASSES is the number of classes; the optimizer is TRAIN.BASE_LR,
+# TRAIN.WEIGHT_DECAY, TRAIN.OPTIMIZER.*, TRAIN.CLIP_GRAD, TRAIN.ACCUMULATION_STEPS; the poly schedule
+# starts at TRAIN.WARMUP_LR and ends at TRAIN.MIN_LR; DATA.BATCH_SIZE is images per process and
+# iteration. configs/segmentation/base/ade20k_160k.yaml sets them to the official ADE20K recipe.
+# ---------------------------------------------------------------------------------------------------
+_C.SEG = CN()
+# Label files hold 0 for unlabelled pixels (ignored) and 1..N for the classes, as ADE20K: shift them to
+# 0..N-1. False: the files hold 0..N-1. The value 255 is ignored either way.
+_C.SEG.REDUCE_ZERO_LABEL = True
+
+_C.SEG.HEAD = CN()
+# UPerNet decode head: width of every conv block, pyramid pooling grid sizes, dropout before the
+# classifier (also the auxiliary head's).
+_C.SEG.HEAD.CHANNELS = 512
+_C.SEG.HEAD.POOL_SCALES = [1, 2, 3, 6]
+_C.SEG.HEAD.DROPOUT = 0.1
+# Auxiliary FCN head (training only): width, the backbone stage it reads, its loss weight (0 removes it).
+_C.SEG.HEAD.AUX_CHANNELS = 256
+_C.SEG.HEAD.AUX_INDEX = 2
+_C.SEG.HEAD.AUX_WEIGHT = 0.4
+
+_C.SEG.TRAIN = CN()
+# Optimizer steps of the run, of the linear warm-up from TRAIN.WARMUP_LR, and the power of the poly
+# decay to TRAIN.MIN_LR (counted from step 0, as mmcv's poly policy).
+_C.SEG.TRAIN.ITERS = 160000
+_C.SEG.TRAIN.WARMUP_ITERS = 1500
+_C.SEG.TRAIN.POLY_POWER = 1.0
+# The global batch (images per step over all processes) that TRAIN.BASE_LR is meant for; the rate is
+# scaled linearly with the actual global batch (DATA.BATCH_SIZE x processes x accumulation).
+_C.SEG.TRAIN.LR_BATCH = 16
+# Evaluate on the validation set, and save a checkpoint, every this many steps (and after the last).
+_C.SEG.TRAIN.EVAL_INTERVAL = 16000
+_C.SEG.TRAIN.SAVE_INTERVAL = 16000
+
+_C.SEG.AUG = CN()
+# Random rescale: the image is fitted into SCALE x r (long edge, short edge), r uniform in RATIO_RANGE.
+_C.SEG.AUG.SCALE = [2048, 512]
+_C.SEG.AUG.RATIO_RANGE = [0.5, 2.0]
+# Random square crop (padded up to it where the image is smaller); a crop whose most frequent class
+# covers CAT_MAX_RATIO or more of it is redrawn (up to ten times; 1.0 turns this off).
+_C.SEG.AUG.CROP_SIZE = 512
+_C.SEG.AUG.CAT_MAX_RATIO = 0.75
+# Probability of a horizontal flip; mmseg's photometric distortion on or off.
+_C.SEG.AUG.FLIP = 0.5
+_C.SEG.AUG.PHOTOMETRIC = True
+
+_C.SEG.TEST = CN()
+# 'whole': the image fitted into SCALE x ratio in one pass; 'slide': CROP_SIZE windows every STRIDE pixels.
+_C.SEG.TEST.MODE = 'whole'
+_C.SEG.TEST.SCALE = [2048, 512]
+_C.SEG.TEST.STRIDE = 341
+_C.SEG.TEST.CROP_SIZE = 512
+# Scale ratios and flipping averaged at test time (single scale: [1.0], no flip). --aug-test uses
+# AUG_RATIOS with flipping, the "mIoU (MS)" of the paper.
+_C.SEG.TEST.RATIOS = [1.0]
+_C.SEG.TEST.FLIP = False
+_C.SEG.TEST.AUG_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
 # ---------------------------------------------------------------------------------------------------
 # Run

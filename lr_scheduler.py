@@ -27,3 +27,14 @@ def build_scheduler(config, optimizer, steps_per_epoch: int, lr_scale: float = 1
         return StepLRScheduler(optimizer, decay_t=int(train.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch),
                                decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
     raise ValueError(f'unknown TRAIN.LR_SCHEDULER.NAME {name!r}; expected cosine, linear or step')
+
+
+def build_iter_scheduler(config, optimizer, lr_scale: float = 1.0) -> Scheduler:
+    """Iteration-based runs (segmentation): linear warm-up over SEG.TRAIN.WARMUP_ITERS from
+    TRAIN.WARMUP_LR, and a poly decay of power SEG.TRAIN.POLY_POWER to TRAIN.MIN_LR over all
+    SEG.TRAIN.ITERS steps, counted from step 0 as mmcv's poly policy counts (the warm-up ramps to the
+    peak rate, where mmcv ramps to the poly value of the step: at most WARMUP_ITERS / ITERS lower)."""
+    train, seg = config.TRAIN, config.SEG.TRAIN
+    return PolyLRScheduler(optimizer, t_initial=seg.ITERS, power=seg.POLY_POWER, lr_min=train.MIN_LR * lr_scale,
+                           warmup_t=seg.WARMUP_ITERS, warmup_lr_init=train.WARMUP_LR * lr_scale,
+                           warmup_prefix=False, t_in_epochs=False, cycle_limit=1)

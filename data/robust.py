@@ -20,6 +20,7 @@ from errors import UserError
 from utils import all_gather_objects, get_rank
 
 from .folders import find_images
+from .images import to_rgb
 
 logger = logging.getLogger('focalnet')
 
@@ -52,14 +53,15 @@ def open_image(path: str) -> Image.Image:
 
 
 def decode_image(file: BinaryIO, path: str) -> Image.Image:
-    """An RGB image from an open file; ``path`` names it in the error."""
+    """An upright 8-bit RGB image from an open file (any mode, see data.images); ``path`` names it
+    in the error."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some libraries set this module global, which makes PIL pad truncated files silently.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         img = Image.open(file)
         img.load()
-        return img.convert('RGB')
+        return to_rgb(img)
     except UnidentifiedImageError:
         raise CorruptImageError(path, 'not a known image format, or a damaged header') from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

@@ -1,8 +1,13 @@
 """Training and evaluation transforms (timm's ImageNet training pipeline, centre-crop evaluation)."""
+import math
+
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from errors import UserError
 
 # Images this small (CIFAR-like) get a padded random crop: a random *resized* crop would throw away
 # most of their few pixels.
@@ -19,8 +24,8 @@ def release_posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
     The release recipe's RandAugment (``rand-m9-mstd0.5-inc1``) samples magnitudes from N(9, 0.5)
     clipped to [0, 10]; at 10, timm's PosterizeIncreasing asks for 0 bits (AutoAugment's ``v0``
-    policy does so at magnitude 2). The Pillow of the releases (9.x, and every release up to 12.x)
-    returned a black image; Pillow 13 raises ValueError instead, for about one training image in 660
+    policy does so at magnitude 2). The Pillow of the releases returned a black image (checked with
+    9.5, 11.3 and 12.0); Pillow 13 raises ValueError instead, for about one training image in 660
     (one batch of 128 in six), so a run stopped within its first steps. This is the old Pillow's
     lookup table, written out so that it gives the same image on every Pillow. We replace the
     operation rather than cap Pillow below 13: a cap would hold back fixes to the library that
@@ -46,13 +51,70 @@ def _use_release_posterize(transform: T.Compose) -> None:
                 op.aug_fn = release_posterize
 
 
+# Reach of Pillow's resampling filters, in source pixels when enlarging (times the scale when shrinking).
+_FILTER_SUPPORT = {T.InterpolationMode.NEAREST: 0.5, T.InterpolationMode.BOX: 0.5,
+                   T.InterpolationMode.BILINEAR: 1.0, T.InterpolationMode.HAMMING: 1.0,
+                   T.InterpolationMode.BICUBIC: 2.0, T.InterpolationMode.LANCZOS: 3.0}
+
+
+class ResizeCenterCrop:
+    """``T.Resize(resize)`` (the shorter side to ``resize``) then ``T.CenterCrop(crop)`` of a PIL
+    image, without building a huge image for a very long and thin one.
+
+    ``T.Resize(256)`` of a legal 1 x 10000 image builds a 256 x 2,560,000 image (2 GB) before the
+    crop keeps 224 x 224 of it. Images up to ``max_aspect``:1 (all ordinary photos) take exactly that
+    path, so evaluation matches the releases' pixel for pixel. Longer ones are first cut down to the
+    pixels the kept box's filter can reach, then resampled into the box (horizontally, then
+    vertically, as Pillow's resize does) with the scale and pixel centres of the full resize: the
+    same image to within a few grey levels (Pillow holds the box in single precision), at a cost
+    that no longer grows with the aspect ratio.
+    """
+
+    def __init__(self, resize: int, crop: int, interpolation: T.InterpolationMode, max_aspect: float = 16):
+        if crop > resize:
+            raise ValueError(f'the centre crop ({crop}) must not exceed the resized shorter side ({resize})')
+        self.resize, self.crop, self.interpolation, self.max_aspect = resize, crop, interpolation, max_aspect
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        # The resized size and the crop's corner, as torchvision computes them.
+        new_long = int(self.resize * max(w, h) / min(w, h))
+        if new_long <= self.max_aspect * self.resize or self.interpolation not in _FILTER_SUPPORT:
+            return TF.center_crop(TF.resize(img, [self.resize], self.interpolation), [self.crop])
+        new_w, new_h = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        left, top = int(round((new_w - self.crop) / 2.0)), int(round((new_h - self.crop) / 2.0))
+        sx, sy = w / new_w, h / new_h
+        x0, x1, y0, y1 = left * sx, (left + self.crop) * sx, top * sy, (top + self.crop) * sy
+        # The source pixels any output pixel's filter reaches, with a pixel to spare.
+        support = _FILTER_SUPPORT[self.interpolation]
+        cx0 = max(0, math.floor(x0 - support * max(sx, 1.0)) - 1)
+        cx1 = min(w, math.ceil(x1 + support * max(sx, 1.0)) + 1)
+        cy0 = max(0, math.floor(y0 - support * max(sy, 1.0)) - 1)
+        cy1 = min(h, math.ceil(y1 + support * max(sy, 1.0)) + 1)
+        resample = TF.pil_modes_mapping[self.interpolation]
+        img = img.crop((cx0, cy0, cx1, cy1))
+        img = img.resize((self.crop, cy1 - cy0), resample, box=(x0 - cx0, 0, x1 - cx0, cy1 - cy0))
+        return img.resize((self.crop, self.crop), resample, box=(0, y0 - cy0, self.crop, y1 - cy0))
+
+    def __repr__(self):
+        return (f'{type(self).__name__}(resize={self.resize}, crop={self.crop}, '
+                f'interpolation={self.interpolation.value})')
+
+
+# DATA.INTERPOLATION values; 'random' (bilinear or bicubic per image) is timm's, for training only.
+INTERPOLATIONS = ('bicubic', 'bilinear', 'lanczos', 'hamming', 'box', 'nearest', 'random')
+
+
 def _interpolation(name: str) -> T.InterpolationMode:
-    # 'random' is a training-only choice in timm; evaluation is deterministic.
+    # Evaluation is deterministic: 'random' evaluates with bilinear.
     return T.InterpolationMode.BILINEAR if name == 'random' else T.InterpolationMode(name)
 
 
 def build_transform(is_train: bool, config) -> T.Compose:
     size = config.DATA.IMG_SIZE
+    if config.DATA.INTERPOLATION not in INTERPOLATIONS:
+        raise UserError(f'DATA.INTERPOLATION must be one of {", ".join(INTERPOLATIONS)}; '
+                        f'got {config.DATA.INTERPOLATION!r}')
     if is_train:
         aug = config.AUG
         transform = create_transform(
@@ -79,7 +141,7 @@ def build_transform(is_train: bool, config) -> T.Compose:
         resize = [T.Resize((size, size), interpolation=interpolation)]
     elif config.TEST.CROP:
         # Resize the shorter side to size * 256 / 224, as at 224 px, then take the centre.
-        resize = [T.Resize(int(256 / 224 * size), interpolation=interpolation), T.CenterCrop(size)]
+        resize = [ResizeCenterCrop(int(256 / 224 * size), size, interpolation)]
     else:
         resize = [T.Resize((size, size), interpolation=interpolation)]
     return T.Compose(resize + [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])

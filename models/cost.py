@@ -15,15 +15,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _conv_out(size: int, conv: nn.Conv2d, patch: int) -> int:
-    size = -(-size // patch) * patch  # inputs are padded up to a multiple of the patch size
+def _conv_out(size: int, conv: nn.Conv2d) -> int:
+    # Nothing is padded beyond the convolution's own padding: the classification model floors.
     k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     return (size + 2 * p - k) // s + 1
 
 
 def _embed_flops(embed: PatchEmbed, H: int, W: int) -> Tuple[int, int, int]:
     conv = embed.proj
-    Ho, Wo = _conv_out(H, conv, embed.patch_size), _conv_out(W, conv, embed.patch_size)
+    Ho, Wo = _conv_out(H, conv), _conv_out(W, conv)
     kh, kw = conv.kernel_size
     flops = Ho * Wo * conv.out_channels * conv.in_channels * kh * kw
     if embed.norm is not None:

@@ -23,9 +23,10 @@ tests check them against the plain path; the tests also compile them ahead of ti
 import functools
 import math
 import os
-from typing import List, Sequence
+from typing import List
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 __all__ = ['fused_available', 'fused_aggregate', 'triton_importable']
@@ -45,8 +46,10 @@ def triton_importable() -> bool:
 
 def fused_available(x: torch.Tensor) -> bool:
     """Whether ``aggregate`` should take the fused path for this input."""
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False  # compiled models take the plain path, which inductor fuses itself
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy):
+        # Compiled models take the plain path, which inductor fuses itself; traced graphs (fx,
+        # torch.export) hold the plain operations, which any backend can run.
+        return False
     # The kernels index with 32-bit offsets; the projection holding x is about 2x its size.
     small = x.numel() * 3 < 2 ** 31
     # Opt-in until the kernels have been timed and checked on a GPU (only the interpreter and an
@@ -148,7 +151,7 @@ class _FusedAggregate(torch.autograd.Function):
         return (dx, dgates.permute(0, 3, 1, 2).to(gates.dtype), None, *dweights)
 
 
-def fused_aggregate(x: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor],
+def fused_aggregate(x: torch.Tensor, gates: torch.Tensor, weights: List[torch.Tensor],
                     normalize: bool = False) -> torch.Tensor:
     """The fused ``FocalModulation.aggregate``: x (B, C, H, W), gates (B, L + 1, H, W), the L depth-wise
     weights (C, 1, k, k); returns (B, C, H, W) over channels-last memory, in x's dtype."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ['CheckpointError', 'read_state_file', 'extract_state_dict', 'detect_layout',
-           'convert_state_dict', 'to_timm', 'to_hf', 'load_pretrained', 'LAYOUTS']
+           'convert_state_dict', 'to_timm', 'to_hf', 'adapt_input_conv', 'load_pretrained', 'LAYOUTS']
 
 LAYOUTS = ('official', 'timm', 'hf')
 StateDict = Dict[str, torch.Tensor]
@@ -338,6 +338,37 @@ def _classifier_problem(ckpt: StateDict, target: StateDict, origin: Dict[str, st
     return None
 
 
+STEM_KEY = 'patch_embed.proj.weight'
+
+
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """An RGB stem's convolution weight (out, 3, k, k) for ``in_chans`` input channels, as timm adapts
+    stems: one channel gets the sum over R, G and B (a grey image then gives what the RGB model gives
+    for the same grey in every channel); more channels repeat R, G, B cyclically, scaled by
+    3 / in_chans so that the response to a constant image keeps its size."""
+    if weight.dim() != 4 or weight.shape[1] != 3:
+        raise CheckpointError(f'cannot adapt a stem weight of shape {list(weight.shape)} to {in_chans} '
+                              f'input channels: only 3-channel (RGB) stems are adapted')
+    if in_chans == 3:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, -(-in_chans // 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+    return w.to(weight.dtype)
+
+
+def _adapt_stem(state: StateDict, target: StateDict) -> Optional[str]:
+    """Adapts the file's RGB stem in ``state`` to the model's input channels; says what it did."""
+    ckpt, model = state.get(STEM_KEY), target.get(STEM_KEY)
+    if ckpt is None or model is None or ckpt.shape == model.shape or ckpt.dim() != 4 \
+            or ckpt.shape[1] != 3 or ckpt.shape[:1] + ckpt.shape[2:] != model.shape[:1] + model.shape[2:]:
+        return None
+    state[STEM_KEY] = adapt_input_conv(model.shape[1], ckpt)
+    return f'{STEM_KEY}: 3 -> {model.shape[1]} input channels'
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
@@ -349,11 +380,13 @@ def load_pretrained(model: nn.Module, path: Union[str, PathLike], *, replace_cla
     """Load released FocalNet weights (official, timm or HF layout; any supported file) strictly.
 
     Every parameter of the model must be in the file with the same shape, and the file must hold
-    nothing else; otherwise a CheckpointError names the offending keys and shapes. The classifier is
-    the one exception, and only when asked: with ``replace_classifier=True`` a file classifier that
+    nothing else; otherwise a CheckpointError names the offending keys and shapes. Two exceptions:
+    an RGB stem is adapted to a model built with another ``in_chans`` (``adapt_input_conv``), and,
+    only when asked, the classifier: with ``replace_classifier=True`` a file classifier that
     does not fit (another number of classes, or none at all) is dropped and the model keeps its
     freshly initialised head, for fine-tuning. Returns a report: {'layout', 'missing', 'unexpected',
-    'replaced_classifier', 'dropped', 'num_tensors', 'path'}.
+    'replaced_classifier', 'dropped', 'adapted', 'num_tensors', 'path'}; 'adapted' lists the
+    adapted tensors.
     """
     model = _unwrap(model)
     # Mapped, not read: a multi-GB release is not held in memory twice while it is copied in.
@@ -363,6 +396,7 @@ def load_pretrained(model: nn.Module, path: Union[str, PathLike], *, replace_cla
     except CheckpointError as e:
         raise CheckpointError(f'{path}: {e}') from None
     target = model.state_dict()
+    adapted = [note for note in [_adapt_stem(state, target)] if note]
 
     head_problem = _classifier_problem(state, target, origin)
     dropped: List[str] = []
@@ -399,4 +433,4 @@ def load_pretrained(model: nn.Module, path: Union[str, PathLike], *, replace_cla
     model.load_state_dict(state, strict=True)
     return {'layout': layout, 'missing': [], 'unexpected': [],
             'replaced_classifier': bool(head_problem) and replace_classifier,
-            'dropped': dropped, 'num_tensors': len(state), 'path': str(path)}
+            'dropped': dropped, 'adapted': adapted, 'num_tensors': len(state), 'path': str(path)}

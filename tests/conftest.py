@@ -52,3 +52,26 @@ def uninterrupted(tiny_cfg, tiny_data, tmp_path_factory) -> Path:
     return run_dir(out) / 'ckpt_epoch_1.pth'
 
 
+@pytest.fixture(scope='session')
+def photo_folder(tmp_path_factory):
+    """photo_folder(n_train, n_val=0): an ImageFolder tree of random JPEG crops (120-500 px, aspects
+    from about 1:4 to 4:1) of scikit-learn's two sample photos, one class per photo (tests/photos.py).
+    Each (n_train, n_val) is written once per session."""
+    from photos import write_photo_folder
+    made = {}
+
+    def make(n_train: int, n_val: int = 0) -> Path:
+        if (n_train, n_val) not in made:
+            made[n_train, n_val] = write_photo_folder(tmp_path_factory.mktemp('photos'), n_train, n_val)
+        return made[n_train, n_val]
+    return make
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread, as in a loader worker: per-image transforms are tiny tensor operations,
+    which a thread pool only slows down (badly so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

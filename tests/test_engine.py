@@ -129,7 +129,7 @@ def test_transforms():
     assert build_transform(False, c)(image).shape == (3, 224, 224)
     assert build_transform(True, c)(image).shape == (3, 224, 224)
     resize = build_transform(False, c).transforms[0]
-    assert resize.size == 256 and resize.interpolation.value == 'bicubic'
+    assert (resize.resize, resize.crop, resize.interpolation.value) == (256, 224, 'bicubic')
     small = cfg.load_config(None, ['DATA.IMG_SIZE', '32'])
     first = build_transform(True, small).transforms[0]
     crop = first.transforms[-1]

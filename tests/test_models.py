@@ -17,7 +17,8 @@ RELEASES = [
     'focalnet_xlarge_fl4', 'focalnet_huge_fl3', 'focalnet_huge_fl4',
 ]
 CASES = ['srf', 'lrf', 'mixed_levels', 'normalize_modulator', 'large_style', 'large_fl4_style',
-         'huge_style', 'iso', 'iso_base_style', 'non_square_96x64']
+         'huge_style', 'iso', 'iso_base_style', 'non_square_96x64',
+         'classification_tiny_srf_100x76']  # not a multiple of 32: the convolutions floor
 
 
 def case_model(config: dict) -> FocalNet:
@@ -140,19 +141,55 @@ def test_gradient_checkpointing_really_recomputes_the_blocks(name, monkeypatch):
     assert _block_calls(built, x, monkeypatch) == 2 * 5
 
 
-def test_non_square_and_padded_inputs():
+def test_non_square_inputs_floor():
+    """As in the official classification model, the patch convolutions drop what does not fill a patch."""
     model = tiny('focalnet_tiny_srf').eval()
     for h, w in [(96, 64), (70, 90)]:
-        feats = model.forward_intermediates(torch.randn(1, 3, h, w))
+        feats = model.forward_intermediates(torch.randn(1, 3, h, w), intermediates_only=True)
         assert [f.shape[1] for f in feats] == [16, 32, 64, 128]
-        assert feats[0].shape[-2:] == (-(-h // 4), -(-w // 4))
+        assert [tuple(f.shape[-2:]) for f in feats] == [(h // 4 >> i, w // 4 >> i) for i in range(4)]
+
+
+def test_odd_size_is_its_floored_crop(reference):
+    """The official classification model at 99x75 computes exactly what it computes on the 96x72
+    top-left crop (reference README): the rows and columns beyond are never seen."""
+    data = torch.load(reference / 'cases' / 'classification_tiny_srf_100x76.pt', weights_only=True)
+    model = case_model(data['config']).eval()
+    model.load_state_dict(data['state_dict'])
+    x = torch.randn(2, 3, 99, 75)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x[:, :, :96, :72]), rtol=0, atol=0)
+        # 100x76 (the reference input) also equals its 96x72 crop: 25x19 tokens floor to 12x9.
+        torch.testing.assert_close(model(data['input']), model(data['input'][:, :, :96, :72]))
+
+
+@pytest.mark.parametrize('large', [False, True], ids=['patch_stem', 'conv_stem'])
+@pytest.mark.parametrize('size', [(100, 100), (200, 200), (230, 230), (230, 197)])
+def test_odd_sizes_match_timm(large, size):
+    """timm's FocalNet, whose convolutions also floor, computes the same logits at sizes that are not
+    multiples of 32 (the sizes at which padding made the results differ by 20-50%)."""
+    from timm.models.focalnet import FocalNet as TimmFocalNet
+    from models.pretrained import to_timm
+    kw = dict(embed_dim=16, depths=(1, 1, 2, 1), focal_levels=(2, 2, 3, 3), focal_windows=(3, 3, 3, 5))
+    ours = FocalNet(**kw, num_classes=10, drop_path_rate=0., use_conv_embed=large, use_layerscale=large,
+                    use_postln=large).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs = TimmFocalNet(**kw, num_classes=10, drop_path_rate=0., use_overlap_down=large,
+                          use_post_norm=large, layerscale_value=1e-4 if large else None).eval()
+    theirs.load_state_dict(to_timm(ours.state_dict(), use_postln=large), strict=True)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x)) < 1e-5
 
 
 def test_intermediates_match_forward():
     model = tiny('focalnet_small_lrf').eval()
     x = torch.randn(2, 3, 64, 64)
-    feats = model.forward_intermediates(x)
+    final, feats = model.forward_intermediates(x)
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 32, 8, 8), (2, 64, 4, 4), (2, 128, 2, 2)]
+    torch.testing.assert_close(final, model.forward_features(x))
     pooled = model.norm(feats[-1].permute(0, 2, 3, 1)).mean((1, 2))
     torch.testing.assert_close(model.head(pooled), model(x))
 
@@ -235,3 +272,74 @@ def test_config_overrides_reach_the_model():
     assert [s.blocks[0].modulation.focal_level for s in model.layers] == [1, 2, 3, 4]
     assert model.layers[0].blocks[0].gamma_1 is not None
     assert model.layers[0].blocks[0].modulation.normalize_modulator
+
+
+# ---- timm interface details (timm's generic tests: tests/test_timm_interface.py) -------------------
+
+def test_pretrained_is_refused_naming_the_release_file():
+    with pytest.raises(ValueError, match=r'never downloaded.*focalnet_large_lrf_384_fl4\.pth'):
+        create_model('focalnet_large_fl4', pretrained=True)
+    cfg = create_model('focalnet_base_iso', embed_dim=16, depths=(1,)).pretrained_cfg
+    assert cfg['file'] == 'focalnet_base_iso_16.pth' and cfg['num_classes'] == 1000
+
+
+def test_forward_intermediates_options():
+    model = tiny('focalnet_small_lrf').eval()
+    x = torch.randn(2, 3, 64, 64)
+    final, every = model.forward_intermediates(x)
+    last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+    picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
+    assert [t.shape for t in last_two] == [t.shape for t in every[2:]]
+    torch.testing.assert_close(picked[1], every[3])
+    nhwc = model.forward_intermediates(x, output_fmt='NHWC', intermediates_only=True)
+    torch.testing.assert_close(nhwc[1], every[1].permute(0, 2, 3, 1))
+    normed = model.forward_intermediates(x, norm=True, intermediates_only=True)
+    torch.testing.assert_close(normed[0], every[0])  # the final norm fits only the last stage
+    torch.testing.assert_close(normed[3].permute(0, 2, 3, 1), final)
+    early, feats = model.forward_intermediates(x, indices=[1], stop_early=True)
+    torch.testing.assert_close(early, feats[0].permute(0, 2, 3, 1))  # stopped after stage 1
+    for bad, match in [(dict(indices=5), 'last 5'), (dict(indices=[4]), 'feature index 4'),
+                       (dict(output_fmt='NLC'), 'output_fmt')]:
+        with pytest.raises(ValueError, match=match):
+            model.forward_intermediates(x, **bad)
+
+
+def test_prune_and_features_only():
+    features = create_model('focalnet_tiny_srf', embed_dim=16, depths=(1, 1, 2, 1), features_only=True,
+                            out_indices=(0, 2)).eval()
+    assert features.feature_info.channels() == [16, 64] and features.feature_info.reduction() == [4, 16]
+    pruned = features.model  # the stage after the last feature, and what follows, are gone
+    assert len(pruned.layers) == 3 and pruned.layers[-1].downsample is None
+    assert isinstance(pruned.norm, torch.nn.Identity) and isinstance(pruned.head, torch.nn.Identity)
+    assert 'num_classes' not in features.pretrained_cfg
+    full = create_model('focalnet_tiny_srf', embed_dim=16, depths=(1, 1, 2, 1)).eval()
+    full.load_state_dict(pruned.state_dict(), strict=False)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        want = full.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        for got, w in zip(features(x), want):
+            torch.testing.assert_close(got, w)
+    iso = create_model('focalnet_small_iso', embed_dim=16, features_only=True)
+    assert iso.feature_info.out_indices == (2, 5, 8, 11)  # the ends of the four quarters
+    with pytest.raises(ValueError, match='feature_cls'):
+        create_model('focalnet_tiny_srf', embed_dim=16, features_only=True, feature_cls='hook')
+
+
+def test_global_pool_and_classifier_reset():
+    model = tiny('focalnet_tiny_srf', global_pool='').eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert model(x).shape == (1, 2, 2, 5)  # per-position logits, no pooling
+    model.reset_classifier(3, 'avg')
+    assert model(x).shape == (1, 3) and model.num_classes == 3
+    with pytest.raises(ValueError, match='global_pool'):
+        model.reset_classifier(3, 'max')
+
+
+def test_build_model_describes_the_config_transform():
+    from config import load_config
+    config = load_config(str(ROOT / 'configs' / 'focalnet_tiny_srf.yaml'), opts=[
+        'DATA.IMG_SIZE', '288', 'TEST.CROP', 'False', 'MODEL.NUM_CLASSES', '10'])
+    with torch.device('meta'):
+        cfg = build_model(config).pretrained_cfg
+    assert (cfg['input_size'], cfg['pool_size'], cfg['crop_pct']) == ((3, 288, 288), (9, 9), 1.0)
+    assert cfg['architecture'] == 'focalnet_tiny_srf' and cfg['num_classes'] == 10

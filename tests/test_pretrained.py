@@ -393,3 +393,30 @@ def test_unreadable_files_name_the_path(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / 'list.pth')
     with pytest.raises(CheckpointError, match='not a state dict'):
         load_pretrained(ours(), tmp_path / 'list.pth')
+
+
+# ---- stem adaptation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('in_chans', [1, 2, 4, 6])
+@pytest.mark.parametrize('large', [False, True], ids=['patch_stem', 'conv_stem'])
+def test_rgb_stem_adapted_to_other_inputs(tmp_path, in_chans, large):
+    """As timm adapts stems (its adapt_input_conv is the reference); everything else stays strict."""
+    from timm.models import adapt_input_conv as timm_adapt
+    src = perturbed(ours(large=large))
+    path = save({'model': src.state_dict()}, tmp_path / 'rgb.pth')
+    model = ours(large=large, in_chans=in_chans)
+    report = load_pretrained(model, path)
+    assert report['adapted'] == [f'patch_embed.proj.weight: 3 -> {in_chans} input channels']
+    rgb = src.state_dict()['patch_embed.proj.weight']
+    assert torch.equal(model.state_dict()['patch_embed.proj.weight'], timm_adapt(in_chans, rgb))
+    if in_chans == 1:  # a grey image gives what the RGB model gives for it in all three channels
+        grey = torch.rand(2, 1, 64, 64)
+        with torch.no_grad():
+            assert rel_err(model(grey), src(grey.expand(-1, 3, -1, -1))) < 1e-5
+
+
+def test_only_rgb_stems_are_adapted(tmp_path):
+    path = save(perturbed(ours(in_chans=1)).state_dict(), tmp_path / 'grey.pth')
+    with pytest.raises(CheckpointError, match=r'patch_embed.proj.weight file \[16, 1, 4, 4\] vs model \[16, 3, 4, 4\]'):
+        load_pretrained(ours(), path)
+    assert load_pretrained(ours(), save(ours().state_dict(), tmp_path / 'rgb.pth'))['adapted'] == []

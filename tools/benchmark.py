@@ -440,13 +440,34 @@ def run_compare(args, device) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+# ---- the ADE20K table (segmentation/cost.py counts) -----------------------------------------------
+
+def segmentation_table_args(args):
+    from segmentation.cost import PAPER_ADE20K
+    args.models = args.models or list(PAPER_ADE20K)
+    unknown = [m for m in args.models if not (ROOT / 'configs' / 'segmentation' / f'{m}.yaml').is_file()]
+    if unknown:
+        raise UsageError(f'no segmentation config for {", ".join(unknown)}; known: {", ".join(PAPER_ADE20K)}')
+    if args.throughput:
+        raise UsageError('--throughput goes with the ImageNet table')
+    return args
+
+
+def run_segmentation_table(args, device) -> Tuple[List[dict], List[str]]:
+    from segmentation.cost import table_lines, table_rows
+    env = environment(device)
+    rows = [dict(row, **env) for row in table_rows(args.models, ROOT)]
+    return rows, [f'torch {env["torch_version"]}; commit {env["commit"]}'] + table_lines(rows)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument('--table', nargs='?', const='imagenet', choices=('imagenet', 'detection'),
-                      help='a table\'s cost columns: imagenet (the default) or detection (Mask R-CNN '
-                           'at 1280x800)')
+    what.add_argument('--table', nargs='?', const='imagenet',
+                      choices=('imagenet', 'detection', 'segmentation'),
+                      help='a table\'s cost columns: imagenet (the default), detection (Mask R-CNN '
+                           'at 1280x800) or segmentation (ADE20K UPerNet)')
     what.add_argument('--compare', choices=sorted(TWINS), help='time ours against another implementation')
     p.add_argument('--throughput', action='store_true', help='with --table: measure inference images/s')
     p.add_argument('--models', nargs='+', help='model names (default: the nine ImageNet-1K models; '
@@ -476,6 +497,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.img_size, args.batch_size, args.warmup, args.iters, args.rounds = 64, 2, 1, 1, 1
+    if args.table == 'segmentation':
+        return segmentation_table_args(args)
     if args.models is None:
         args.models = TABLE_MODELS if args.table else ['focalnet_tiny_srf']
     unknown = [m for m in args.models if m not in list_models()]
@@ -504,7 +527,8 @@ def main(argv=None) -> int:
             raise UsageError('--amp fp16 needs a GPU; use bf16 on the CPU')
         if args.threads:
             torch.set_num_threads(args.threads)
-        run = {'imagenet': run_table, 'detection': run_detection_table, None: run_compare}[args.table]
+        run = {'imagenet': run_table, 'detection': run_detection_table,
+               'segmentation': run_segmentation_table, None: run_compare}[args.table]
         rows, lines = run(args, device)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)

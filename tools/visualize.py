@@ -44,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import ImageNetInfo, infer_imagenet_subset
 from torchvision import transforms as T
 
 from config import load_config
 from data import build_transform
+from data.robust import open_image
 from errors import UserError
 from models import FocalNet, build_model, load_pretrained
 from models.pretrained import CheckpointError
@@ -110,14 +111,18 @@ def kernel_maps(model: FocalNet, block_index: int = -1) -> List[KernelMap]:
 def upsample(maps: torch.Tensor, image_size: Tuple[int, int], stride: int) -> torch.Tensor:
     """(N, K, h, w) feature maps to the image's (H, W), bilinearly.
 
-    A cell of a stride-``stride`` map covers ``stride`` pixels; the input was padded on the right
-    and bottom to a multiple of the patch size, so the maps cover (h * stride, w * stride), which is
-    cropped to the image after upsampling.
+    A cell of a stride-``stride`` map covers ``stride`` pixels from the top left; the patch
+    convolutions drop the rows and columns that do not fill a last patch, so the maps cover
+    (h * stride, w * stride), at most the image. The few pixels beyond (fewer than the stride) repeat
+    the last row and column of the upsampled map.
     """
     H, W = image_size
     h, w = maps.shape[-2:]
-    size = (max(h * stride, H), max(w * stride, W))
-    return F.interpolate(maps.float(), size=size, mode='bilinear', align_corners=False)[..., :H, :W]
+    up = F.interpolate(maps.float(), size=(h * stride, w * stride), mode='bilinear', align_corners=False)
+    pad_h, pad_w = max(0, H - h * stride), max(0, W - w * stride)
+    if pad_h or pad_w:
+        up = F.pad(up, (0, pad_w, 0, pad_h), mode='replicate')
+    return up[..., :H, :W]
 
 
 @dataclass
@@ -307,16 +312,12 @@ def load_images(paths: Sequence[str], transform) -> Tuple[torch.Tensor, List[np.
     Display images undo the transform's normalisation, so they show the resized and centre-cropped
     picture the maps belong to.
     """
-    images = []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f'image not found: {path}')
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert('RGB'))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f'cannot read image {path}: {e}') from None
-    return prepare_images(images, transform)
+    # Decoded as in training and evaluation (any mode, EXIF orientation applied); an unreadable file
+    # is a one-line error naming it.
+    return prepare_images([open_image(path) for path in paths], transform)
 
 
 def prepare_images(images: Sequence[Image.Image], transform) -> Tuple[torch.Tensor, List[np.ndarray]]:
