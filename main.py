@@ -145,6 +145,10 @@ def train_one_epoch(t: Trainer, loader, epoch: int, num_steps: int, resume: Opti
             'lr': t.optimizer.param_groups[0]['lr'], 'time_s': time.time() - progress.start}
 
 
+class NoValidationImages(UserError):
+    """Every validation image was skipped: an accuracy of 0% would be a lie."""
+
+
 @torch.inference_mode()
 def validate(model: nn.Module, loader, device: torch.device, autocast=nullcontext,
              name: str = '') -> dict:
@@ -166,7 +170,7 @@ def validate(model: nn.Module, loader, device: torch.device, autocast=nullcontex
     if n == 0:  # every image was unreadable and skipped: there is no accuracy to report
         example = next(iter(getattr(loader, 'skipped', {}).items()), None)
         shown = f', for example {example[0]}: {example[1]}' if example else ''
-        raise UserError(f'no validation image could be read: all were skipped as unreadable{shown}')
+        raise NoValidationImages(f'no validation image could be read: all were skipped as unreadable{shown}')
     result = {'loss': loss / n, 'acc1': 100 * top1 / n, 'acc5': 100 * top5 / n, 'images': int(n)}
     logger.info(f'{name} * Acc@1 {result["acc1"]:.3f} Acc@5 {result["acc5"]:.3f}'.lstrip())
     return result
@@ -448,7 +452,11 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
                 # (data/sampler.py), so a resumed run repeats an uninterrupted one.
                 seed_everything(derive_seed(config.SEED, epoch, rank))
             stats = train_one_epoch(trainer, loaders.train, epoch, steps_per_epoch, resumed)
-            val = validate(model, loaders.val, device, autocast)
+            try:
+                val = validate(model, loaders.val, device, autocast)
+            except NoValidationImages:
+                save(epoch)  # the epoch's training is kept; the run stops for the data to be fixed
+                raise
             report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
             max_accuracy = max(max_accuracy, val['acc1'])
             record = {'epoch': epoch, 'train_loss': stats['loss'], 'val_loss': val['loss'],
