@@ -149,7 +149,8 @@ class IterationSampler(Sampler):
 
     Every pass over the data is a fresh permutation, seeded by (seed, pass), split between the
     processes in whole batches (the incomplete last global batch is left out). The stream starts at
-    iteration ``start``, so a resumed run draws the batches an uninterrupted one would have drawn.
+    this process's batch number ``start`` (iterations x micro-batches per iteration), so a resumed run
+    draws the batches an uninterrupted one would have drawn.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, start: int = 0):

@@ -13,7 +13,8 @@ import argparse
 import logging
 import math
 import os
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,15 +23,15 @@ import faults
 import config as config_module
 from config import output_dir
 from data.robust import report_skipped
-from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from, make_autocast,
-                    make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
+from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics, check_same_config,
+                    drop_metrics_from, make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_iter_scheduler
 from optimizer import build_optimizer
-from utils import (all_reduce_sum, auto_resume_file, checkpoint_path, derive_seed, get_rank,
-                   get_world_size, init_distributed, is_distributed, load_checkpoint, read_checkpoint,
-                   save_checkpoint, seed_everything)
+from utils import (all_reduce_sum, checkpoint_path, derive_seed, ensure_writable_dir, find_resume_checkpoint,
+                   get_rank, get_world_size, init_distributed, is_distributed, load_checkpoint, save_checkpoint,
+                   seed_everything)
 
 from .checkpoint import load_pretrained, load_segmentor_weights
 from .data import ADE20K, check_labels, train_loader, val_loader
@@ -172,9 +173,22 @@ def datasets(config, train: bool):
 def run(args) -> int:
     config = get_config(args)
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
-    rank = get_rank()
+    check_same_config(config)
     out = output_dir(config)
+    if config.EVAL_MODE:  # writes no checkpoints: no lock to hold
+        ensure_writable_dir(out)
+        return run_in(config, args, device, out)
+    # One training run per output folder: taken before anything is written there.
+    with RunLock(out) as lock:
+        ensure_writable_dir(out)
+        return run_in(config, args, device, out, lock.note)
+
+
+def run_in(config, args, device: torch.device, out: str, note: str = '') -> int:
+    rank = get_rank()
     create_logger(out, rank)
+    if note:
+        logger.warning(note)
     logger.info(f'rank {rank} of {get_world_size()} on {device}')
     if not config.DATA.DATA_PATH:
         raise UserError('no data set: give --data-path <root of images/ and annotations/>')
@@ -193,23 +207,31 @@ def run(args) -> int:
                    pin_memory=config.DATA.PIN_MEMORY and device.type == 'cuda')
     val = val_loader(val_set, **loaders)
     metrics_path = os.path.join(out, 'metrics.jsonl')
-
     if config.EVAL_MODE:
-        source = config.MODEL.RESUME or config.MODEL.PRETRAINED
-        if not source:
-            raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
-        load_segmentor_weights(model, source)
-        options = inference_options(config, args.aug_test)
-        result = evaluate(model, val, device, config, options, autocast)
-        report_skipped((val,), 'evaluation', out)
-        if rank == 0:
-            append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'miou': result['miou'],
-                                          'macc': result['macc'], 'aacc': result['aacc'],
-                                          'images': result['images'], 'ratios': options['ratios'],
-                                          'flip': options['flip'], 'test_mode': options['mode']})
-            logger.info('per-class IoU: ' + ' '.join('-' if v is None else f'{v:.1f}' for v in result['iou']))
-        return 0
+        return run_eval(config, args, model, val, device, autocast, out, metrics_path)
     return train(config, model, train_set, val, device, dtype, autocast, out, metrics_path, loaders)
+
+
+def run_eval(config, args, model: Segmentor, val, device, autocast, out: str, metrics_path: str) -> int:
+    source = config.MODEL.RESUME or config.MODEL.PRETRAINED
+    if not source:
+        raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
+    load_segmentor_weights(model, source)
+    options = inference_options(config, args.aug_test)
+    result = evaluate(model, val, device, config, options, autocast)
+    report_skipped((val,), 'evaluation', out)
+    if get_rank() == 0:
+        append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'miou': result['miou'],
+                                      'macc': result['macc'], 'aacc': result['aacc'],
+                                      'images': result['images'], 'ratios': options['ratios'],
+                                      'flip': options['flip'], 'test_mode': options['mode']})
+        logger.info('per-class IoU: ' + ' '.join('-' if v is None else f'{v:.1f}' for v in result['iou']))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
 
 
 class LossMeans:
@@ -233,111 +255,205 @@ class LossMeans:
         self.sums, self.count = {}, 0
         return dict(zip(keys, totals.tolist()))
 
+    def state(self) -> dict:
+        """What a checkpoint keeps (every process must call it: it reduces): the per-process share of
+        the summed terms, as plain floats, and the count."""
+        keys = list(self.sums)
+        shares = all_reduce_sum(torch.stack([self.sums[k] for k in keys])) / get_world_size() if keys else []
+        return {'sums': {k: float(v) for k, v in zip(keys, shares)}, 'count': self.count}
+
+    def load(self, state, device: torch.device):
+        """Continue from ``state()``; an entry of another form is passed over (the means start afresh)."""
+        if (isinstance(state, dict) and isinstance(state.get('count'), int) and isinstance(state.get('sums'), dict)
+                and all(isinstance(v, float) for v in state['sums'].values())):
+            self.sums = {k: torch.tensor(v, device=device) for k, v in state['sums'].items()}
+            self.count = state['count']
+
+
+@dataclass
+class Trainer:
+    """What the iterations share."""
+    config: object
+    model: Segmentor            # the bare model: evaluated, saved, given to the optimizer
+    step: OptimizerStep         # computes through the DDP wrapper when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    autocast: object
+    out: str
+    metrics_path: str
+    layout: dict                # what the iteration -> batch mapping depends on
+    preemption: Optional[Preemption] = None
+    writer: Optional[object] = None
+    best: float = 0.0
+    window: LossMeans = field(default_factory=LossMeans)    # since the last log line
+    interval: LossMeans = field(default_factory=LossMeans)  # since the last evaluation
+    periodic: Optional[str] = None  # the newest checkpoint written off SAVE_INTERVAL, to be replaced
+
 
 def _one_backward(model: nn.Module, crop: int, device: torch.device):
     model(torch.zeros(2, 3, crop, crop, device=device)).float().sum().backward()
 
 
 def train(config, model: Segmentor, train_set, val, device, dtype, autocast, out, metrics_path, loaders) -> int:
-    rank, world = get_rank(), get_world_size()
-    seg = config.SEG.TRAIN
-    resume = config.MODEL.RESUME
+    rank, world, seg = get_rank(), get_world_size(), config.SEG.TRAIN
+    resume, ckpt = config.MODEL.RESUME, None
     if config.TRAIN.AUTO_RESUME:
-        found = auto_resume_file(out, unit='iter')
+        found = find_resume_checkpoint(out, unit='iter')
         if found:
-            if resume and os.path.abspath(resume) != os.path.abspath(found):
-                logger.warning(f'auto-resume: using {found} instead of {resume}')
-            resume = found
-    if resume and 'model' not in read_checkpoint(resume, mmap=True):
-        raise UserError(f'{resume} is not a training checkpoint of this codebase; to start from released '
-                        f'weights use --pretrained')
+            if resume and os.path.abspath(resume) != os.path.abspath(found[0]):
+                logger.warning(f'auto-resume: using {found[0]} instead of {resume}')
+            resume, ckpt = found
     if config.MODEL.PRETRAINED and not resume:
         logger.info(load_pretrained(model, config.MODEL.PRETRAINED))
     if is_distributed():
         model = match_grad_layout(model, lambda m: _one_backward(m, config.SEG.AUG.CROP_SIZE, device))
     scale = lr_scale(config, world)
     optimizer = build_optimizer(config, model, scale)
-    scheduler = build_iter_scheduler(config, optimizer, scale)
-    scaler = make_scaler(device, dtype)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
+    scaler = make_scaler(device, dtype)
+    step = OptimizerStep(wrap_ddp(model, device), model, optimizer, scaler, autocast, accumulation,
+                         config.TRAIN.CLIP_GRAD)
+    layout = {'batch_size': config.DATA.BATCH_SIZE, 'world_size': world, 'accumulation': accumulation,
+              'train_images': len(train_set)}
+    t = Trainer(config, model, step, optimizer, build_iter_scheduler(config, optimizer, scale), scaler, device,
+                autocast, out, metrics_path, layout)
     logger.info(f'learning rate {config.TRAIN.BASE_LR * scale:.3e} (BASE_LR x {scale:g}: global batch '
                 f'{config.DATA.BATCH_SIZE * world * accumulation} / {seg.LR_BATCH})')
-
-    start, best = 0, 0.0
-    if resume:
-        state = load_checkpoint(resume, model=model, optimizer=optimizer, lr_scheduler=scheduler, scaler=scaler)
-        if state['has_training_state']:
-            start, best = state['epoch'], state['max_accuracy']
-        logger.info(f'resumed from {resume}: continuing at iteration {start}')
+    start, evaluated = resume_from(t, resume, ckpt) if resume else (0, True)
+    if start == seg.ITERS and evaluated:
+        logger.info(f'the run is already complete: {resume} is iteration {start} of SEG.TRAIN.ITERS {seg.ITERS}; '
+                    f'nothing to train (raise SEG.TRAIN.ITERS to train longer)')
+        return 0
     if rank == 0:
         drop_metrics_from(metrics_path, start + 1, key='iter')
-
-    ddp = wrap_ddp(model, device)
-    step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation, config.TRAIN.CLIP_GRAD)
-    writer = None
-    if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(out)
+        t.writer = SummaryWriter(out)
     loader = train_loader(train_set, config.DATA.BATCH_SIZE, start * accumulation, **loaders)
-    batches = iter(loader)
-    options = inference_options(config, aug_test=False)
-    progress = Progress(seg.ITERS, first=start)
-    window, interval = LossMeans(), LossMeans()  # since the last log line; since the last evaluation
-    logger.info(f'training iterations {start} to {seg.ITERS - 1}')
-    model.train()
-    for it in range(start, seg.ITERS):
-        # Every random draw of step `it` (drop path, dropout) follows from (seed, it, rank), so a
-        # resumed run repeats an uninterrupted one; the data draws its own (segmentation/data.py).
-        seed_everything(derive_seed(config.SEED, it, rank))
-        faults.inject('step', it, rank)
-        scheduler.step_update(it)
-        for micro in range(accumulation):
-            images, (labels, paths) = next(batches)
-            check_labels(labels, paths, model.num_classes, config.SEG.REDUCE_ZERO_LABEL)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-            def compute_loss():
-                losses = ddp(images, labels)
-                window.add(losses)
-                interval.add(losses)
-                return losses['loss']
-
-            step(compute_loss, micro, accumulation, f'at iteration {it}; the last checkpoint is intact')
-        done = it + 1
-        if it % config.PRINT_FREQ == 0 or done == seg.ITERS:
-            tick = progress.tick(it)
-            lr = optimizer.param_groups[0]['lr']
-            means = window.pop()
-            logger.info(f'Train: [{it}/{seg.ITERS}]  eta {tick["eta"]}  lr {lr:.6e}  time {tick["time"]:.3f}  '
-                        + '  '.join(f'{k} {v:.4f}' for k, v in means.items())
-                        + f'  grad_norm {step.grad_norm.item():.4f}{memory_mb(device)}')
-            if writer is not None:
-                for k, v in means.items():
-                    writer.add_scalar(f'train/{k}', v, it)
-                writer.add_scalar('train/lr', lr, it)
-        if done % seg.EVAL_INTERVAL == 0 or done == seg.ITERS:
-            train_loss = interval.pop().get('loss', math.nan)
-            result = evaluate(model, val, device, config, options, autocast)
-            model.train()
-            report_skipped((loader, val), f'iteration {done}', out)
-            best = max(best, result['miou'])
-            if rank == 0:
-                append_metrics(metrics_path, {'iter': done, 'train_loss': train_loss, 'miou': result['miou'],
-                                              'macc': result['macc'], 'aacc': result['aacc'],
-                                              'lr': optimizer.param_groups[0]['lr'], 'max_miou': best})
-                for key in ('miou', 'macc', 'aacc'):
-                    writer.add_scalar(f'val/{key}', result[key], done)
-                writer.flush()
-        if rank == 0 and (done % seg.SAVE_INTERVAL == 0 or done == seg.ITERS):
-            path = save_checkpoint(checkpoint_path(out, done, 'iter'), model=model, optimizer=optimizer,
-                                   lr_scheduler=scheduler, scaler=scaler, epoch=done, max_accuracy=best,
-                                   config=config, keep=config.SAVE_KEEP, unit='iter')
-            logger.info(f'saved {path}')
-    del batches  # stops the loader's workers
-    if writer is not None:
-        writer.close()
-    logger.info(f'done: best mIoU {best:.2f}%')
+    with Preemption(device, config.SAVE_MINUTES) as t.preemption:
+        if not evaluated:  # a stop skipped the evaluation of the checkpoint's iteration
+            evaluate_and_record(t, val, start, (loader, val))
+        iterate(t, loader, val, start)
+    if t.writer is not None:
+        t.writer.close()
+    logger.info(f'done: best mIoU {t.best:.2f}%')
     return 0
+
+
+def resume_from(t: Trainer, path: str, ckpt) -> Tuple[int, bool]:
+    """Load a training checkpoint; (its iteration, whether that iteration's evaluation was done)."""
+    seg = t.config.SEG.TRAIN
+    state = load_checkpoint(path, model=t.model, optimizer=t.optimizer, scaler=t.scaler, ckpt=ckpt)
+    if not state['has_training_state']:
+        logger.info(f'{path} holds weights only: training starts at iteration 0 from them')
+        return 0, True
+    start, t.best, entries = state['epoch'], state['max_accuracy'], state['entries']
+    if start > seg.ITERS:
+        raise UserError(f'{path} has trained {start} iterations, more than SEG.TRAIN.ITERS {seg.ITERS}; raise '
+                        f'SEG.TRAIN.ITERS to continue it, or give a new run another --output or --tag')
+    if entries.get('layout', t.layout) != t.layout:
+        logger.warning(f'{path} was trained with {entries["layout"]}; this run has {t.layout}, so its '
+                       f'iterations draw other batches than the interrupted run would have')
+    t.interval.load(entries.get('loss_means'), t.device)
+    if start % seg.SAVE_INTERVAL and start != seg.ITERS:
+        t.periodic = path
+    logger.info(f'resumed from {path}: continuing at iteration {start}')
+    return start, bool(entries.get('evaluated', True))
+
+
+def iterate(t: Trainer, loader, val, start: int):
+    """Iterations ``start`` .. SEG.TRAIN.ITERS - 1, with evaluations, checkpoints and stops."""
+    seg = t.config.SEG.TRAIN
+    batches = iter(loader)
+    progress = Progress(seg.ITERS, first=start)
+    logger.info(f'training iterations {start} to {seg.ITERS - 1}')
+    t.model.train()
+    for it in range(start, seg.ITERS):
+        train_iteration(t, batches, it)
+        done = it + 1
+        if it % t.config.PRINT_FREQ == 0 or done == seg.ITERS:
+            log_progress(t, it, progress.tick(it))
+        eval_due = done % seg.EVAL_INTERVAL == 0 or done == seg.ITERS
+        stop, save = t.preemption.poll()  # the same answer on every process
+        evaluated = False
+        if eval_due and not stop:
+            evaluate_and_record(t, val, done, (loader, val))
+            evaluated = True
+            stop, save = t.preemption.poll()  # a signal during the evaluation stops here
+        path = None
+        if stop or save or done % seg.SAVE_INTERVAL == 0 or done == seg.ITERS:
+            # A stop before a due evaluation leaves it to the resumed run.
+            path = save_state(t, done, evaluated=evaluated or not eval_due)
+        if stop:
+            raise t.preemption.stopped(f'at iteration {done}', path)
+
+
+def train_iteration(t: Trainer, batches, it: int):
+    rank = get_rank()
+    # Every random draw of step `it` (drop path, dropout) follows from (seed, it, rank), so a resumed
+    # run repeats an uninterrupted one; the data draws its own (segmentation/data.py).
+    seed_everything(derive_seed(t.config.SEED, it, rank))
+    faults.inject('step', it, rank)
+    t.scheduler.step_update(it)
+    for micro in range(t.step.accumulation):
+        images, (labels, paths) = next(batches)
+        check_labels(labels, paths, t.model.num_classes, t.config.SEG.REDUCE_ZERO_LABEL)
+        images, labels = images.to(t.device, non_blocking=True), labels.to(t.device, non_blocking=True)
+
+        def compute_loss():
+            losses = t.step.model(images, labels)
+            t.window.add(losses)
+            t.interval.add(losses)
+            return losses['loss']
+
+        t.step(compute_loss, micro, t.step.accumulation, f'at iteration {it}; the last checkpoint is intact')
+
+
+def log_progress(t: Trainer, it: int, tick: dict):
+    lr = t.optimizer.param_groups[0]['lr']
+    means = t.window.pop()
+    logger.info(f'Train: [{it}/{t.config.SEG.TRAIN.ITERS}]  eta {tick["eta"]}  lr {lr:.6e}  time {tick["time"]:.3f}  '
+                + '  '.join(f'{k} {v:.4f}' for k, v in means.items())
+                + f'  grad_norm {t.step.grad_norm.item():.4f}{memory_mb(t.device)}')
+    if t.writer is not None:
+        for k, v in means.items():
+            t.writer.add_scalar(f'train/{k}', v, it)
+        t.writer.add_scalar('train/lr', lr, it)
+
+
+def evaluate_and_record(t: Trainer, val, done: int, loaders):
+    train_loss = t.interval.pop().get('loss', math.nan)
+    result = evaluate(t.model, val, t.device, t.config, inference_options(t.config, aug_test=False), t.autocast)
+    t.model.train()
+    report_skipped(loaders, f'iteration {done}', t.out)
+    t.best = max(t.best, result['miou'])
+    if get_rank() == 0:
+        append_metrics(t.metrics_path, {'iter': done, 'train_loss': train_loss, 'miou': result['miou'],
+                                        'macc': result['macc'], 'aacc': result['aacc'],
+                                        'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best})
+        for key in ('miou', 'macc', 'aacc'):
+            t.writer.add_scalar(f'val/{key}', result[key], done)
+        t.writer.flush()
+
+
+def save_state(t: Trainer, done: int, evaluated: bool = True) -> Optional[str]:
+    """ckpt_iter_<done>.pth, written by rank 0; a checkpoint off SAVE_INTERVAL (a stop, SAVE_MINUTES)
+    replaces the previous such one."""
+    seg = t.config.SEG.TRAIN
+    path, loss_means = None, t.interval.state()
+    if get_rank() == 0:
+        path = save_checkpoint(checkpoint_path(t.out, done, 'iter'), model=t.model, optimizer=t.optimizer,
+                               lr_scheduler=t.scheduler, scaler=t.scaler, epoch=done, max_accuracy=t.best,
+                               config=t.config, keep=t.config.SAVE_KEEP, unit='iter',
+                               extra={'layout': t.layout, 'loss_means': loss_means, 'evaluated': evaluated})
+        logger.info(f'saved {path}')
+        if t.periodic and t.periodic != path and os.path.exists(t.periodic):
+            os.remove(t.periodic)
+        t.periodic = path if done % seg.SAVE_INTERVAL and done != seg.ITERS else None
+    all_reduce_sum(torch.zeros(1, device=t.device))  # no process leaves before the file is complete
+    t.preemption.saved()
+    return path
 
 
 def main(argv=None) -> int:

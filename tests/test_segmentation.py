@@ -4,8 +4,10 @@ transforms, inference modes, and ``python -m segmentation`` end to end on a synt
 import colorsys
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -387,12 +389,14 @@ def test_evaluating_the_checkpoint_reproduces_the_logged_miou(learned, ade, tmp_
     assert ms['ratios'] == [0.75, 1.0, 1.25] and ms['flip'] and ms['miou'] > 75
 
 
+RESUME_ARGS = ['--opts', *SMALL, 'DATA.BATCH_SIZE', '2', 'SEG.AUG.CROP_SIZE', '64', 'SEG.TRAIN.WARMUP_ITERS', '2',
+               'SEG.TRAIN.SAVE_INTERVAL', '3', 'TRAIN.BASE_LR', '1e-3', 'MODEL.DROP_PATH_RATE', '0.2']
+
+
 def test_resumed_run_matches_an_uninterrupted_one(ade, tmp_path, monkeypatch):
     import faults
-    args = ['--cfg', TINY_CFG, '--data-path', str(ade), '--opts', *SMALL, 'DATA.BATCH_SIZE', '2',
-            'SEG.AUG.CROP_SIZE', '64', 'SEG.TRAIN.ITERS', '6', 'SEG.TRAIN.WARMUP_ITERS', '2',
-            'SEG.TRAIN.SAVE_INTERVAL', '3', 'SEG.TRAIN.EVAL_INTERVAL', '3', 'TRAIN.BASE_LR', '1e-3',
-            'MODEL.DROP_PATH_RATE', '0.2']
+    args = ['--cfg', TINY_CFG, '--data-path', str(ade), *RESUME_ARGS, 'SEG.TRAIN.ITERS', '6',
+            'SEG.TRAIN.EVAL_INTERVAL', '6']
     assert main(['--output', str(tmp_path / 'straight'), *args]) == 0
     # The second run dies before iteration 4, after the checkpoint of iteration 3; run again, it resumes.
     monkeypatch.setattr(faults, '_FAULT', ('raise', 'step', 4, None))
@@ -402,11 +406,46 @@ def test_resumed_run_matches_an_uninterrupted_one(ade, tmp_path, monkeypatch):
     assert main(['--output', str(tmp_path / 'resumed'), *args]) == 0
     runs = [tmp_path / d / 'upernet_focalnet_tiny_srf_160k' / 'default' for d in ('straight', 'resumed')]
     assert 'continuing at iteration 3' in (runs[1] / 'log_rank0.txt').read_text()
-    a, b = (torch.load(r / 'ckpt_iter_6.pth', weights_only=True) for r in runs)
+    same_checkpoints(runs[0] / 'ckpt_iter_6.pth', runs[1] / 'ckpt_iter_6.pth')
+    assert records(runs[0]) == records(runs[1])  # the training loss over all six iterations too
+    # Once more: the run is complete, nothing is trained.
+    assert main(['--output', str(tmp_path / 'resumed'), *args]) == 0
+    assert 'the run is already complete' in (runs[1] / 'log_rank0.txt').read_text()
+
+
+def same_checkpoints(a_path, b_path):
+    a, b = (torch.load(p, weights_only=True) for p in (a_path, b_path))
     for k, v in a['model'].items():
         assert torch.equal(v, b['model'][k]), k
-    assert a['optimizer']['state'][0]['exp_avg'].equal(b['optimizer']['state'][0]['exp_avg'])
-    assert records(runs[0]) == records(runs[1])  # both evaluations, the same numbers
+    for i, state in a['optimizer']['state'].items():
+        assert torch.equal(state['exp_avg'], b['optimizer']['state'][i]['exp_avg']), i
+
+
+def test_sigterm_saves_where_the_run_stands_and_the_rerun_continues(ade, tmp_path):
+    args = ['--cfg', TINY_CFG, '--data-path', str(ade), *RESUME_ARGS, 'SEG.TRAIN.ITERS', '12',
+            'SEG.TRAIN.SAVE_INTERVAL', '6', 'SEG.TRAIN.EVAL_INTERVAL', '12', 'PRINT_FREQ', '1']
+    assert main(['--output', str(tmp_path / 'straight'), *args]) == 0
+    run_dir = tmp_path / 'stopped' / 'upernet_focalnet_tiny_srf_160k' / 'default'
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    proc = subprocess.Popen([sys.executable, '-m', 'segmentation', '--output', str(tmp_path / 'stopped'), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / 'log_rank0.txt'
+    deadline = time.time() + 300
+    while not (log.is_file() and 'Train: [1/12]' in log.read_text()) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+    (saved,) = run_dir.glob('ckpt_iter_*.pth')
+    stopped_at = int(saved.stem.split('_')[-1])
+    assert 2 <= stopped_at < 6 and f'stopped by SIGTERM at iteration {stopped_at}' in err
+    run_seg(['--output', str(tmp_path / 'stopped'), *args])
+    # The checkpoint written off SAVE_INTERVAL is replaced by the next one.
+    assert sorted(p.name for p in run_dir.glob('ckpt_iter_*.pth')) == ['ckpt_iter_12.pth', 'ckpt_iter_6.pth']
+    straight = tmp_path / 'straight' / 'upernet_focalnet_tiny_srf_160k' / 'default'
+    same_checkpoints(straight / 'ckpt_iter_12.pth', run_dir / 'ckpt_iter_12.pth')
+    assert records(straight) == records(run_dir)
 
 
 def test_two_process_run_with_the_legacy_launcher(ade, tmp_path):
