@@ -28,7 +28,7 @@ from data import build_loader
 from data.robust import report_skipped
 from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics,
                     check_same_config, drop_metrics_from, make_autocast, make_scaler, match_grad_layout,
-                    memory_mb, run_cli, wrap_ddp)
+                    memory_mb, run_cli, tensorboard_writer, wrap_ddp)
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_scheduler
@@ -408,10 +408,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
         drop_metrics_from(metrics_path, start_epoch)
 
     ddp = wrap_ddp(model, device)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(out)
+    writer = tensorboard_writer(out)
     step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation,
                          config.TRAIN.CLIP_GRAD)
 

@@ -23,7 +23,8 @@ import faults
 from config import get_config, output_dir, with_num_classes
 from data.robust import report_skipped
 from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from,
-                    make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
+                    make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, tensorboard_writer,
+                    wrap_ddp)
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from models import init_from_classification, load_dense_checkpoint
@@ -280,10 +281,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
         drop_metrics_from(metrics_path, start_epoch)
 
     ddp = wrap_ddp(model, device)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(out)
+    writer = tensorboard_writer(out)
     step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation, config.TRAIN.CLIP_GRAD)
     trainer = Trainer(config, ddp, model, optimizer, scheduler, scaler, step, device, writer)
 

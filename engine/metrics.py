@@ -1,6 +1,9 @@
 """metrics.jsonl: one JSON record per line, appended durably; a resumed run rewrites its future."""
 import json
 import os
+from typing import Optional
+
+from utils import get_rank
 
 
 def append_metrics(path: str, record: dict):
@@ -34,3 +37,11 @@ def drop_metrics_from(path: str, position: int, key: str = 'epoch'):
         with open(tmp, 'w') as f:
             f.writelines(kept)
         os.replace(tmp, path)
+
+
+def tensorboard_writer(output_dir: str) -> Optional[object]:
+    """A TensorBoard SummaryWriter into the run's folder on rank 0; None on the other ranks."""
+    if get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(output_dir)

@@ -24,7 +24,8 @@ import config as config_module
 from config import output_dir
 from data.robust import report_skipped
 from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics, check_same_config,
-                    drop_metrics_from, make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, wrap_ddp)
+                    drop_metrics_from, make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli,
+                    tensorboard_writer, wrap_ddp)
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_iter_scheduler
@@ -328,8 +329,7 @@ def train(config, model: Segmentor, train_set, val, device, dtype, autocast, out
         return 0
     if rank == 0:
         drop_metrics_from(metrics_path, start + 1, key='iter')
-        from torch.utils.tensorboard import SummaryWriter
-        t.writer = SummaryWriter(out)
+    t.writer = tensorboard_writer(out)
     loader = train_loader(train_set, config.DATA.BATCH_SIZE, start * accumulation, **loaders)
     with Preemption(device, config.SAVE_MINUTES) as t.preemption:
         if not evaluated:  # a stop skipped the evaluation of the checkpoint's iteration
