@@ -41,6 +41,7 @@ from data import build_transform
 from errors import UserError
 from models import list_models
 from models.pretrained import CheckpointError, convert_state_dict, extract_state_dict, read_state_file
+from tools.loading import device_from_flag
 from tools.visualize import (BlockId, ModulationArrays, class_names, figure_image, kernel_maps,
                              load_model, modulation_arrays, plot_gating, plot_kernels,
                              plot_modulator, prepare_images, resolve_block)
@@ -354,12 +355,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def setup(args: argparse.Namespace) -> Tuple[Demo, object]:
     """The demo and its page from the command line; the first model is loaded now, so that a bad
     checkpoint is named before the page is served."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise UserError(f'bad --device {args.device!r}: {e}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device}: CUDA is not available on this machine')
+    device_from_flag(args.device)  # a bad --device is named before anything is loaded
     if not 0 < args.port < 65536:
         raise UserError(f'--port {args.port} is not a port number (1 to 65535)')
     demo = Demo(architectures(args.cfg), device=args.device)

@@ -1,5 +1,6 @@
 """The model a command-line tool asks for: a config (a file, or a release name), its overrides, and
-weights in any layout ``models.load_pretrained`` reads. Shared by tools/predict.py and tools/export.py.
+weights in any layout ``models.load_pretrained`` reads, and the device it runs on. Shared by the
+command-line tools and the demo.
 """
 import logging
 from pathlib import Path
@@ -16,6 +17,18 @@ from models.pretrained import CheckpointError, convert_state_dict, read_state_fi
 logger = logging.getLogger('focalnet.tools')
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_from_flag(name: str, flag: str = '--device') -> torch.device:
+    """The torch.device a ``--device`` value names; a UserError for a bad name or a CUDA device on a
+    machine without CUDA."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f'bad {flag} {name!r}: {e}') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'{flag} {name}: CUDA is not available on this machine')
+    return device
 
 
 def config_path(cfg: Optional[str], model: Optional[str]) -> str:

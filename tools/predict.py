@@ -225,7 +225,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Tuple[List[dict], List[dict]]:
-    from tools.loading import load_model, opts_from_flags
+    from tools.loading import device_from_flag, load_model, opts_from_flags
     for flag in ('topk', 'batch_size'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag.replace("_", "-")} must be positive; got {getattr(args, flag)}')
@@ -233,8 +233,7 @@ def run(args: argparse.Namespace) -> Tuple[List[dict], List[dict]]:
         raise UserError(f'--workers must be 0 or more; got {args.workers}')
     if args.json == '-' and args.csv == '-':
         raise UserError('--json - and --csv - cannot both write to stdout')
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device}: CUDA is not available on this machine')
+    device_from_flag(args.device)  # a bad --device is named before anything is read
     paths, searched = collect_images(args.images)
     config, model, _ = load_model(args.cfg, args.model, args.checkpoint,
                                   opts_from_flags(args.opts, args.img_size))

@@ -54,6 +54,7 @@ from data.robust import open_image
 from errors import UserError
 from models import FocalNet, build_model, load_pretrained
 from models.pretrained import CheckpointError
+from tools.loading import device_from_flag
 
 logger = logging.getLogger('focalnet.visualize')
 
@@ -425,12 +426,7 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
         raise UserError(f'--channels must be at least 1, got {args.channels}')
     if args.cmap not in matplotlib.colormaps:
         raise UserError(f'unknown colormap {args.cmap!r}; see matplotlib.colormaps')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise UserError(f'bad --device {args.device!r}: {e}') from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f'--device {args.device}: CUDA is not available on this machine')
+    device = device_from_flag(args.device)
     _, model, transform = build(args)
     model = model.to(device).eval()
     images, display = load_images(args.image, transform)
