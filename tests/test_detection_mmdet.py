@@ -318,3 +318,31 @@ def test_batches_hold_one_orientation():
     assert batches == [[0, 2], [1, 3], [4, 6], [5, 8]]
     batches = list(AspectRatioBatchSampler(SequentialSampler(groups[:6]), groups[:6], 2))
     assert batches == [[0, 2], [1, 3], [5, 4]]  # the leftovers mix, in the last batch only
+
+
+def test_detection_table_says_where_its_map_comes_from(tmp_path, capsys):
+    """The paper's mAP always; ours only from a recorded --eval of a released checkpoint."""
+    from tools import benchmark
+    assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
+    out = capsys.readouterr().out
+    assert 'No released checkpoint has been evaluated here' in out
+    rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
+    assert all(r['ours_box_map_1x'] is None and r['paper_box_map_1x'] for r in rows.values())
+
+    records = [{'epoch': 0, 'bbox_ap': 99.0},  # a training record: not an evaluation
+               {'mode': 'eval', 'model': 'mask_rcnn_focalnet_tiny_srf_1x', 'released': False, 'bbox_ap': 1.0},
+               {'mode': 'eval', 'model': 'mask_rcnn_focalnet_tiny_srf_1x', 'released': True,
+                'checkpoint': 'mask_rcnn_tiny_srf_1x.pth', 'bbox_ap': 45.93, 'segm_ap': 41.27}]
+    (tmp_path / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in records) + '\n')
+    assert benchmark.main(['--table', 'detection', '--released-evals', str(tmp_path / 'metrics.jsonl'),
+                           '--json', str(tmp_path / 'rows.json')]) == 0
+    out = capsys.readouterr().out
+    rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
+    assert rows['mask_rcnn_focalnet_tiny_srf']['ours_box_map_1x'] == 45.93
+    assert rows['mask_rcnn_focalnet_tiny_srf']['ours_box_map_3x'] is None
+    assert rows['mask_rcnn_focalnet_base_lrf']['ours_box_map_1x'] is None
+    assert '| 45.9 / 41.3 |' in out and 'No released checkpoint' not in out
+
+    (tmp_path / 'bad.jsonl').write_text('not json\n')
+    assert benchmark.main(['--table', 'detection', '--released-evals', str(tmp_path / 'bad.jsonl')]) == 2
+    assert 'line 1 is not JSON' in capsys.readouterr().err
