@@ -346,3 +346,26 @@ def test_detection_table_says_where_its_map_comes_from(tmp_path, capsys):
     (tmp_path / 'bad.jsonl').write_text('not json\n')
     assert benchmark.main(['--table', 'detection', '--released-evals', str(tmp_path / 'bad.jsonl')]) == 2
     assert 'line 1 is not JSON' in capsys.readouterr().err
+
+
+def test_released_files_are_recognised_with_their_optimizer_entry(tmp_path):
+    """A released training checkpoint may carry its optimizer state; it loads all the same, and only
+    whole two-stage detectors count as released files (--eval --resume takes either kind)."""
+    from detection.checkpoint import is_released_file
+    entry = MODELS['mask_rcnn_tiny_srf']
+    checkpoint = torch.load(FIXTURES / entry['checkpoint'], weights_only=True)
+    checkpoint['optimizer'] = {'state': {0: {'step': torch.tensor(5.0), 'exp_avg': torch.zeros(3)}},
+                               'param_groups': [{'lr': 1e-4, 'weight_decay': 0.05, 'params': [0]}]}
+    checkpoint['meta'] = dict(checkpoint['meta'], epoch=12, iter=87960, mmcv_version='1.7.0',
+                              config='model = dict(type="MaskRCNN")')
+    torch.save(checkpoint, tmp_path / 'with_optimizer.pth')
+    assert is_released_file(str(tmp_path / 'with_optimizer.pth'))
+    report = load_released_detector(build(entry), str(tmp_path / 'with_optimizer.pth'), CLASSES)
+    assert report['layout'] == 'mmdetection' and report['classes'] == CLASSES
+
+    backbone_only = {k: v for k, v in checkpoint['state_dict'].items() if k.startswith('backbone.')}
+    torch.save({'meta': {}, 'state_dict': backbone_only}, tmp_path / 'backbone.pth')
+    torch.save({'model': build(entry).state_dict(), 'epoch': 3}, tmp_path / 'ours.pth')
+    assert not is_released_file(str(tmp_path / 'backbone.pth'))
+    assert not is_released_file(str(tmp_path / 'ours.pth'))
+    assert not is_released_file(str(tmp_path / 'missing.pth'))
