@@ -19,7 +19,6 @@ shim tests/mmref/shim.py. The tests (tests/test_detection_mmdet.py) read only th
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
