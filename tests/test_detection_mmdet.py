@@ -3,7 +3,7 @@ configs at small widths) load strictly and give mmdetection's detections on real
 training step gives its losses for the same sampled anchors and RoIs.
 
 The references are tests/fixtures/mmdet/, made by mmdetection 3.3 with
-``/work/venv-mm/bin/python tests/mmref/make_mmdet_fixtures.py`` (see its docstring); nothing from
+``.venv-mmref/bin/python tests/mmref/make_mmdet_fixtures.py`` (see its docstring); nothing from
 mmdetection is imported here. CPU only.
 """
 import json

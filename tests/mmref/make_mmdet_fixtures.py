@@ -1,7 +1,9 @@
 """Make tests/fixtures/mmdet/: mmdetection's own detections and training losses for the official
 FocalNet Mask R-CNN and Faster R-CNN configs, at small widths with random weights.
 
-    /work/venv-mm/bin/python tests/mmref/make_mmdet_fixtures.py [--out tests/fixtures/mmdet]
+    .venv-mmref/bin/python tests/mmref/make_mmdet_fixtures.py [--out tests/fixtures/mmdet]
+
+(the environment of requirements-mmref.txt; any python with those packages works).
 
 Each model is the official config (mask_rcnn_focalnet_{tiny,small,base}_..._{srf,lrf}.py and its
 Faster R-CNN counterpart) written in mmdetection 3's form, with the backbone shrunk in width and depth
@@ -13,7 +15,7 @@ scikit-learn: china.jpg at 640x427 (resized to 1199x800) and flower.jpg enlarged
 and cropped to 1280x800 (kept at its size). For Mask R-CNN T-SRF, one training step is recorded too:
 the RPN anchors and RoIs that mmdetection's samplers drew, and the losses it computed for them.
 
-Needs mmdet 3.3.0, mmcv-lite 2.1.0, mmengine 0.10.7 (tests/mmref/requirements*.txt) and the kernel
+Needs mmdet 3.3.0, mmcv-lite 2.1.0, mmengine 0.10.7 (requirements-mmref.txt) and the kernel
 shim tests/mmref/shim.py. The tests (tests/test_detection_mmdet.py) read only the files written here.
 """
 import argparse
