@@ -318,8 +318,8 @@ def _degenerate(ann: dict, image: Optional[dict], mask_area) -> Optional[str]:
     """Why a well-formed object is no training target (mmdetection's rules), or None."""
     x, y, w, h = ann['bbox']
     if w < 1 or h < 1:
-        return f'box under one pixel ({w:g} x {h:g})'
-    if image is not None:
+        return 'box under one pixel wide or high'
+    if image is not None and _is_int(image.get('width')) and _is_int(image.get('height')):
         inside_w = max(0, min(x + w, image['width']) - max(x, 0))
         inside_h = max(0, min(y + h, image['height']) - max(y, 0))
         if inside_w * inside_h == 0:
