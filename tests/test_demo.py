@@ -192,7 +192,7 @@ def test_layouts_and_classifier(demo, case, photos):
 @pytest.mark.parametrize('change, message', [
     (dict(architecture='focalnet_nano'), "unknown architecture 'focalnet_nano'"),
     (dict(checkpoint='missing.pth'), 'checkpoint not found: missing.pth'),
-    (dict(checkpoint='lrf'), 'does not fit the model'),
+    (dict(checkpoint='lrf'), 'its weights do not fit srf_case'),
     (dict(image=None), 'no image'),
     (dict(blocks=['stage 7 block 0']), 'stage 7 does not exist'),
     (dict(blocks=['stage 2 block 2']), 'block 2 does not exist'),

@@ -31,6 +31,14 @@ def device_from_flag(name: str, flag: str = '--device') -> torch.device:
     return device
 
 
+def check_img_size(value: Optional[int], flag: str = '--img-size'):
+    """A resolution flag held to DATA.IMG_SIZE's range, named as the flag the user typed."""
+    from config import RULES
+    rule = RULES['DATA.IMG_SIZE']
+    if value is not None and not rule.ok(value):
+        raise UserError(f'{flag} must be {rule.allowed}; got {value}')
+
+
 def config_path(cfg: Optional[str], model: Optional[str]) -> str:
     """The config file of ``--cfg``, or of ``--model NAME`` (configs/NAME.yaml)."""
     if cfg and model:
