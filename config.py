@@ -480,6 +480,20 @@ RULES: Dict[str, Rule] = {
     'SEG.TEST.SCALE': _each(_DENSE_SIDE, length=2),
     'SEG.TEST.CROP_SIZE': _DENSE_SIDE,
     'SEG.TEST.STRIDE': _at_least(1),
+    # The probabilities and rates of the dense tasks: NaN would pass every comparison silently
+    # (a flip probability of NaN never flips).
+    'DETECTION.HFLIP': _PROBABILITY,
+    'DETECTION.SCORE_THRESH': _PROBABILITY,
+    'DETECTION.WARMUP_ITERS': _at_least(0),
+    'SEG.HEAD.DROPOUT': _RATE,
+    'SEG.HEAD.AUX_WEIGHT': _at_least(0, 'a number'),
+    'SEG.TRAIN.WARMUP_ITERS': _at_least(0),
+    'SEG.TRAIN.POLY_POWER': _at_least(0, 'a number'),
+    'SEG.AUG.RATIO_RANGE': _each(_above(0), length=2),
+    'SEG.AUG.CAT_MAX_RATIO': Rule('a number in (0, 1]', lambda v: _number(v) and 0 < v <= 1),
+    'SEG.AUG.FLIP': _PROBABILITY,
+    'SEG.TEST.RATIOS': _each(_above(0)),
+    'SEG.TEST.AUG_RATIOS': _each(_above(0)),
     'SEED': Rule(f'an integer from 0 to {2 ** 32 - 1}', lambda v: 0 <= v < 2 ** 32),
 }
 

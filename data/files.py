@@ -51,6 +51,14 @@ def not_regular(path: str) -> Optional[str]:
     return None if stat.S_ISREG(mode) else kind_of(mode)
 
 
+def file_problem(path: str, what: str) -> Optional[str]:
+    """A one-line reason why ``path`` cannot be read as ``what`` ('checkpoint', ...), or None."""
+    problem = not_regular(path)
+    if problem is None:
+        return None
+    return f'{what} not found: {path}' if problem == 'not found' else f'{path} is {problem}, not a {what} file'
+
+
 def open_regular(path: str) -> BinaryIO:
     """``open(path, 'rb')`` for a regular file; OSError (with ``strerror`` saying why) for anything
     else, without blocking on a FIFO or a device."""

@@ -38,7 +38,7 @@ from PIL import Image
 
 from config import load_config
 from data import build_transform
-from data.files import not_regular
+from data.files import file_problem, not_regular
 from errors import UserError
 from models import list_models
 from models.pretrained import CheckpointError, convert_state_dict, extract_state_dict, read_state_file
@@ -265,8 +265,9 @@ def architectures(configs: Sequence[str] = ()) -> Dict[str, Path]:
     table = {name: ROOT / 'configs' / f'{name}.yaml' for name in list_models()}
     for cfg in configs:
         path = Path(cfg)
-        if not path.is_file():
-            raise UserError(f'config file not found: {cfg}')
+        problem = file_problem(cfg, 'config')
+        if problem:
+            raise UserError(problem)
         load_config(str(path))  # names a bad key now, not at the first request
         table[path.stem] = path
     return table

@@ -21,6 +21,7 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from data.files import not_regular
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
 from utils import derive_seed, get_rank, get_world_size, seed_worker
 
@@ -51,6 +52,8 @@ def read_coco(root: str, split: str, masks: bool = True, drop_degenerate: bool =
         if not os.path.exists(path):
             raise DataError(f'{what} not found: {path} (expected the COCO layout: '
                             f'annotations/instances_{split}.json and {split}/)')
+        if what != 'annotation file' and not os.path.isdir(path):
+            raise DataError(f'{what} {path} is {not_regular(path) or "a file"}, not a folder')
     checked = load_coco(annotations, masks)
     document = checked.dataset
     if not document['images']:

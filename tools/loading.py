@@ -10,6 +10,7 @@ import torch
 from yacs.config import CfgNode
 
 from config import load_config
+from data.files import file_problem
 from errors import UserError
 from models import FocalNet, build_model, list_models, load_pretrained
 from models.pretrained import CheckpointError, convert_state_dict, read_state_file
@@ -80,8 +81,8 @@ def load_model(cfg: Optional[str], model: Optional[str], checkpoint: Optional[st
         raise UserError(f'--opts takes KEY VALUE pairs; got {len(opts)} words: {" ".join(opts)}')
     path = config_path(cfg, model)
     config = load_config(path, opts)
-    if checkpoint and not Path(checkpoint).is_file():
-        raise UserError(f'checkpoint not found: {checkpoint}')
+    if checkpoint and file_problem(checkpoint, 'checkpoint'):
+        raise UserError(file_problem(checkpoint, 'checkpoint'))
     if checkpoint and not _sets(opts, 'MODEL.NUM_CLASSES'):
         classes = checkpoint_classes(checkpoint)
         if classes is not None and classes != config.MODEL.NUM_CLASSES:
