@@ -27,7 +27,8 @@ from data.files import check_pixels, not_regular, open_regular
 from data.images import upright_size
 from data.robust import (CorruptImageError, DataError, SkipReportingLoader, collate_with_problems,
                          open_image)
-from utils import get_rank, get_world_size, seed_worker
+from engine.seed import seed_worker
+from utils import get_rank, get_world_size
 
 from .transforms import IGNORE_INDEX
 

@@ -34,7 +34,7 @@ def device_from_flag(name: str, flag: str = '--device') -> torch.device:
 
 def check_img_size(value: Optional[int], flag: str = '--img-size'):
     """A resolution flag held to DATA.IMG_SIZE's range, named as the flag the user typed."""
-    from config import RULES
+    from engine.config_checks import RULES
     rule = RULES['DATA.IMG_SIZE']
     if value is not None and not rule.ok(value):
         raise UserError(f'{flag} must be {rule.allowed}; got {value}')
