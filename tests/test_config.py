@@ -266,13 +266,13 @@ def test_sections_without_rules_are_type_checked_only():
     original = cfg._C
     try:
         extended = original.clone()
-        extended.DETECTION = CN()
-        extended.DETECTION.SCORE_THRESH = 0.05
+        extended.EXTRA = CN()
+        extended.EXTRA.SCORE_THRESH = 0.05
         cfg._C = extended
-        c = cfg.load_config(None, ['DETECTION.SCORE_THRESH', '1'])
-        assert c.DETECTION.SCORE_THRESH == 1.0
-        with pytest.raises(UserError, match=r"DETECTION.SCORE_THRESH must be a number; got 'x'"):
-            cfg.load_config(None, ['DETECTION.SCORE_THRESH', 'x'])
+        c = cfg.load_config(None, ['EXTRA.SCORE_THRESH', '1'])
+        assert c.EXTRA.SCORE_THRESH == 1.0
+        with pytest.raises(UserError, match=r"EXTRA.SCORE_THRESH must be a number; got 'x'"):
+            cfg.load_config(None, ['EXTRA.SCORE_THRESH', 'x'])
     finally:
         cfg._C = original
 
