@@ -217,3 +217,93 @@ def test_bad_flag_values_give_one_line_and_status_2(entry, hostile, tmp_path):
         if not ok:
             failures.append(f'{" ".join(result["argv"])}\n  -> exit {result["code"]}: {result["stderr"][-800:]}')
     assert not failures, '\n'.join(failures)
+
+
+# ---- outputs are checked before any work --------------------------------------------------------------
+
+@pytest.mark.parametrize('tool, argv, expected', [
+    # The checkpoint does not exist either: the output is named first, before any weight is read.
+    ('predict', ['{tmp}/photo.jpg', '--model', 'focalnet_tiny_srf', '--checkpoint', '{tmp}/missing.pth',
+                 '--json', '{tmp}/folder'], '--json {tmp}/folder is a folder'),
+    ('export', ['--model', 'focalnet_tiny_srf', '--checkpoint', '{tmp}/missing.pth', '--output', '{tmp}/folder'],
+     '--output {tmp}/folder is a folder'),
+    ('visualize', ['--cfg', CLS_CFG, '--checkpoint', '{tmp}/missing.pth', '--image', '{tmp}/photo.jpg',
+                   '--output', '{tmp}/file.txt'], '--output {tmp}/file.txt is a file; give a folder'),
+])
+def test_outputs_are_checked_before_the_model_is_loaded(tool, argv, expected, hostile, capsys):
+    import importlib
+    main = importlib.import_module(f'tools.{tool}').main
+    assert main([_fill(a, hostile) for a in argv]) == 2
+    assert _fill(expected, hostile) in capsys.readouterr().err
+
+
+def test_predict_passes_over_fifos_its_folders_and_patterns_find(hostile, tmp_path, capsys, caplog):
+    import logging
+    from tools.predict import collect_images, main
+    shots = tmp_path / 'shots'
+    shots.mkdir()
+    (shots / 'a.jpg').write_bytes((hostile / 'photo.jpg').read_bytes())
+    os.mkfifo(shots / 'b.jpg')
+    with caplog.at_level(logging.WARNING, logger='focalnet'):
+        by_folder, _ = collect_images([str(shots)])
+        by_glob, _ = collect_images([str(shots / '*.jpg')])
+    assert by_folder == by_glob == [shots / 'a.jpg']
+    assert caplog.text.count('b.jpg (a FIFO (named pipe))') == 2
+    # The whole command, under a timeout in a child process: it predicts a.jpg and ends.
+    proc = subprocess.run([sys.executable, 'tools/predict.py', str(shots / '*.jpg'), '--model', 'focalnet_tiny_srf',
+                           '--workers', '0', '--no-progress', '--opts', *SMALL], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0 and str(shots / 'a.jpg') in proc.stdout, proc.stderr[-2000:]
+
+
+# ---- metrics.jsonl ------------------------------------------------------------------------------------
+
+def _strict_loads(line: str):
+    def refuse(name):
+        raise ValueError(f'{name} is not JSON')
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_an_all_ignored_validation_set_records_null_with_the_reason(tmp_path, caplog):
+    import logging
+    import torch
+    from engine.metrics import append_metrics
+    from segmentation.metrics import SegmentationMetric
+    metric = SegmentationMetric(num_classes=4)
+    labels = torch.full((2, 8, 8), 255, dtype=torch.uint8)
+    metric.update(torch.zeros(2, 8, 8, dtype=torch.long), labels)
+    with caplog.at_level(logging.WARNING, logger='focalnet'):
+        result = metric.compute()
+        path = tmp_path / 'metrics.jsonl'
+        append_metrics(str(path), {'mode': 'eval', 'miou': result['miou'], 'macc': result['macc'],
+                                   'aacc': result['aacc'], 'iou': result['iou'], 'train_loss': float('inf')})
+    record = _strict_loads(path.read_text())
+    assert record == {'mode': 'eval', 'miou': None, 'macc': None, 'aacc': None, 'iou': [None] * 4,
+                      'train_loss': None}
+    assert 'no pixel of the validation labels counts' in caplog.text
+    assert 'metrics.jsonl: miou, macc, aacc, train_loss undefined (NaN or infinite); recorded as null' in caplog.text
+
+
+# ---- the demo never shows what a file holds -----------------------------------------------------------
+
+def test_the_demo_names_a_path_and_the_kind_of_problem_only(hostile, tmp_path):
+    from demo.app import Demo, architectures
+    from errors import UserError
+    secret = tmp_path / 'secret.txt'
+    secret.write_text('root:x:0:0:SECRET-CONTENT\n')
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(b'PK\x03\x04SECRET-CONTENT')
+    demo = Demo(architectures())
+    cases = {
+        str(secret): f'{secret}: not a checkpoint this page reads',
+        str(truncated): f'{truncated}: not a checkpoint this page reads',
+        '/etc/passwd': '/etc/passwd: not a checkpoint this page reads',
+        str(hostile / 'fifo'): f'{hostile / "fifo"} is a FIFO (named pipe), not a checkpoint file',
+        str(tmp_path / 'nothing.pth'): f'checkpoint not found: {tmp_path / "nothing.pth"}',
+        '/dev/zero': '/dev/zero is a character device, not a checkpoint file',
+    }
+    for path, expected in cases.items():
+        with pytest.raises(UserError) as raised:
+            demo.load('focalnet_tiny_srf', path)
+        message = str(raised.value)
+        assert message.startswith(expected) and 'SECRET' not in message and 'root:x' not in message
