@@ -94,6 +94,25 @@ def checkpoint_path_problem(checkpoint: str, path: Path) -> Optional[str]:
     return None
 
 
+def misfit(config, path: str) -> str:
+    """Which of the architecture's parameters a checkpoint lacks or holds in another shape, named by
+    the architecture's own parameter names; the file's other entries are counted, not named."""
+    from models import build_model
+    try:
+        state, _ = convert_state_dict(extract_state_dict(read_state_file(path, mmap=True), path))
+    except CheckpointError:
+        return ''
+    target = {k: v.shape for k, v in build_model(config).state_dict().items()}
+    missing = [k for k in target if k not in state]
+    reshaped = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k])]
+    extra = sum(k not in target for k in state)
+    parts = [f'{len(names)} {what}: {", ".join(names[:3])}{" ..." if len(names) > 3 else ""}'
+             for names, what in ((missing, 'of its parameters missing'), (reshaped, 'of another shape')) if names]
+    if extra:
+        parts.append(f'{extra} entries it has no parameter for')
+    return f' ({"; ".join(parts)})' if parts else ''
+
+
 @dataclass
 class Loaded:
     """A model with its weights, and what the page says about it."""
@@ -183,8 +202,8 @@ class Demo:
                 model, info = load_model(config, str(path) if path else None)
             except CheckpointError as e:
                 logger.warning('%s', e)
-                raise UserError(f'{checkpoint}: its weights do not fit {architecture} (see the server\'s '
-                                f'log for which)') from None
+                raise UserError(f'{checkpoint}: its weights do not fit {architecture}'
+                                f'{misfit(config, str(path))}') from None
             model = model.to(self.device).eval()
             self._loaded = Loaded(key, architecture, checkpoint, info and info['layout'], config,
                                   model, class_names(model.num_classes))

@@ -302,6 +302,15 @@ def test_the_demo_names_a_path_and_the_kind_of_problem_only(hostile, tmp_path):
         str(tmp_path / 'nothing.pth'): f'checkpoint not found: {tmp_path / "nothing.pth"}',
         '/dev/zero': '/dev/zero is a character device, not a checkpoint file',
     }
+    # A FocalNet checkpoint of another architecture: the misfit is told in the architecture's terms.
+    import torch
+    from config import load_config
+    from models import build_model
+    lrf = tmp_path / 'lrf.pth'
+    torch.save({'model': build_model(load_config(str(ROOT / 'configs' / 'focalnet_tiny_lrf.yaml'))).state_dict()}, lrf)
+    cases[str(lrf)] = (f'{lrf}: its weights do not fit focalnet_tiny_srf (24 of another shape: '
+                       f'layers.0.blocks.0.modulation.f.weight, layers.0.blocks.0.modulation.f.bias, '
+                       f'layers.0.blocks.1.modulation.f.weight ...; 12 entries it has no parameter for)')
     for path, expected in cases.items():
         with pytest.raises(UserError) as raised:
             demo.load('focalnet_tiny_srf', path)
