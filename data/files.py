@@ -8,9 +8,11 @@ two calls cannot block either.
 
 A small compressed file can decode to billions of pixels (a 20000 x 20000 PNG of one colour is a few
 hundred kilobytes). Pillow raises DecompressionBombError above twice ``Image.MAX_IMAGE_PIXELS``
-(179 million pixels by default) when it opens an image, but a label map read with ``np.array`` or a
-file opened elsewhere does not always pass that check; :data:`MAX_PIXELS`, the same threshold, is the
-bound every image and label map is held to here, checked from the header before any pixel is decoded.
+(179 million pixels by default) when it opens an image; every reader here turns that error into a
+one-line refusal naming the file. Pillow's check is a module global that libraries sometimes switch
+off (``MAX_IMAGE_PIXELS = None``), so :func:`check_pixels` holds every image and label map to
+:data:`MAX_PIXELS`, the same threshold, from the header before any pixel is decoded, whatever the
+global says.
 """
 import os
 import stat
