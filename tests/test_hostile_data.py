@@ -244,3 +244,16 @@ def test_a_fifo_among_the_ade_images_is_passed_over(tmp_path, caplog):
         for i in range(len(train)):
             train[i]
     assert not state['opened']
+
+
+@pytest.mark.parametrize('reader', ['image', 'label map'])
+def test_the_pixel_bound_holds_when_pillows_check_is_switched_off(reader, tmp_path, monkeypatch):
+    """Some libraries set Image.MAX_IMAGE_PIXELS = None; the header check still refuses a bomb."""
+    from data.robust import CorruptImageError, open_image
+    from hostile_data import png_header
+    from segmentation.data import open_label
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)
+    path = tmp_path / 'bomb.png'
+    path.write_bytes(png_header(20000, 20000, mode=2 if reader == 'image' else 0))
+    with pytest.raises(CorruptImageError, match=f'the {reader} is 20000x20000 = 400 million pixels, more than the 179 million'):
+        (open_image if reader == 'image' else open_label)(str(path))
