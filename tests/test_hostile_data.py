@@ -257,3 +257,29 @@ def test_the_pixel_bound_holds_when_pillows_check_is_switched_off(reader, tmp_pa
     path.write_bytes(png_header(20000, 20000, mode=2 if reader == 'image' else 0))
     with pytest.raises(CorruptImageError, match=f'the {reader} is 20000x20000 = 400 million pixels, more than the 179 million'):
         (open_image if reader == 'image' else open_label)(str(path))
+
+
+def test_an_evaluation_whose_labels_are_all_ignored_records_null(tmp_path, capsys):
+    """Every validation pixel 0 (ignored under SEG.REDUCE_ZERO_LABEL): mIoU is undefined, and
+    metrics.jsonl says null (strict JSON), with the reason in the log."""
+    import json
+    import numpy as np
+    import torch
+    from config import load_config
+    from segmentation.train import main, make_model
+    root = make_ade_pairs(tmp_path / 'ade', n=2)
+    for label in (root / 'annotations' / 'validation').iterdir():
+        Image.fromarray(np.zeros((32, 40), np.uint8), mode='L').save(label)
+    opts = ['MODEL.FOCAL.EMBED_DIM', '16', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.NUM_CLASSES', '4',
+            'SEG.HEAD.CHANNELS', '32', 'SEG.HEAD.AUX_CHANNELS', '16', 'SEG.TEST.SCALE', '[64, 32]',
+            'DATA.NUM_WORKERS', '0']
+    weights = tmp_path / 'segmentor.pth'
+    torch.save(make_model(load_config(str(SEG_CFG), opts), torch.device('cpu')).state_dict(), weights)
+    out = tmp_path / 'out'
+    assert main(['--cfg', str(SEG_CFG), '--data-path', str(root), '--output', str(out), '--eval',
+                 '--resume', str(weights), '--opts', *opts]) == 0
+    logged = capsys.readouterr().out
+    [line] = next(out.rglob('metrics.jsonl')).read_text().splitlines()
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in metrics.jsonl'))
+    assert record['miou'] is None and record['macc'] is None and record['aacc'] is None
+    assert 'no pixel of the validation labels counts' in logged and 'recorded as null' in logged
