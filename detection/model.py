@@ -19,7 +19,7 @@ from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyram
 
 from models.dense import FocalNetDense, build_dense_backbone
 
-METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos')
+METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
 
 
@@ -64,6 +64,9 @@ def build_detector(config, num_classes: int) -> nn.Module:
     method = d.METHOD
     if method not in METHODS:
         raise ValueError(f'unknown DETECTION.METHOD {method!r}; expected one of {", ".join(METHODS)}')
+    if method == 'atss':  # written with mmdetection's names (detection/atss.py), not torchvision's
+        from .atss import build_atss
+        return build_atss(config, num_classes)
     body = build_dense_backbone(config, backbone_out_indices(method))
     C = d.FPN_CHANNELS
     extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)
@@ -97,8 +100,9 @@ def build_detector(config, num_classes: int) -> nn.Module:
 
 
 def dense_backbone(model: nn.Module) -> FocalNetDense:
-    """The FocalNet inside a detector built by build_detector (its ``backbone.body``)."""
-    return model.backbone.body
+    """The FocalNet inside a detector built by build_detector (``backbone.body`` of the torchvision
+    ones, ``backbone`` of those with mmdetection's names)."""
+    return model.backbone if isinstance(model.backbone, FocalNetDense) else model.backbone.body
 
 
 def has_masks(method: str) -> bool:
