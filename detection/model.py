@@ -21,6 +21,8 @@ from models.dense import FocalNetDense, build_dense_backbone
 
 METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
+# Detectors written with mmdetection's names, whose released checkpoints load whole.
+RELEASED_LOADABLE = ('atss',)
 
 
 class FocalNetFPN(nn.Module):

@@ -36,7 +36,8 @@ from utils import (auto_resume_file, checkpoint_path, derive_seed, get_rank, get
 
 from .data import build_detection_loaders
 from .evaluation import evaluate
-from .model import METHODS, build_detector, dense_backbone, has_masks
+from .model import METHODS, RELEASED_LOADABLE, build_detector, dense_backbone, has_masks
+from .released import is_released_detector, load_released
 from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -106,6 +107,9 @@ def load_backbone_weights(model: nn.Module, path: str):
     (recognised by its ``backbone.*`` keys), into the detector's FocalNet; the report is logged."""
     body = dense_backbone(model)
     state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if hasattr(model, 'released_keys') and is_released_detector(state):
+        load_whole_detector(model, path, state)
+        return
     if any(k.startswith('backbone.') for k in state):
         report = load_dense_checkpoint(body, state)
         dropped = ', '.join(f'{n} {k}' for k, n in report['dropped'].items()) or 'nothing'
@@ -117,6 +121,17 @@ def load_backbone_weights(model: nn.Module, path: str):
                 f'{len(report["padded"])} kernels centre-padded, {len(report["expanded"])} gate tensors '
                 f'expanded; kept at init (not in the file): {report["added"] or "none"}; '
                 f'not used: {report["dropped"] or "none"}')
+
+
+def load_whole_detector(model: nn.Module, path: str, state: Optional[dict] = None):
+    """A released mmdetection checkpoint, every tensor through the model's key table, strictly."""
+    if state is None:
+        state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if not is_released_detector(state):
+        raise UserError(f'{path} is not a whole released detector (it needs backbone.* and the neck and '
+                        f'head keys); --eval --pretrained evaluates one')
+    report = load_released(model, state, model.released_keys, path)
+    logger.info(f'{path}: loaded the whole released detector ({report["num_tensors"]} tensors)')
 
 
 def make_detector(config, num_classes: int) -> nn.Module:
@@ -207,8 +222,10 @@ def _check_categories(state: dict, loaders, path: str):
 def run(args) -> int:
     config = get_config(args)
     check_detection_config(config)
-    if config.EVAL_MODE and not config.MODEL.RESUME:
-        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>')
+    if config.EVAL_MODE and not config.MODEL.RESUME and not (
+            config.MODEL.PRETRAINED and config.DETECTION.METHOD in RELEASED_LOADABLE):
+        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>'
+                        + (f' (or --pretrained <released checkpoint> for {", ".join(RELEASED_LOADABLE)})'))
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
     rank = get_rank()
     out = output_dir(config)
@@ -234,8 +251,11 @@ def run(args) -> int:
     metrics_path = os.path.join(out, 'metrics.jsonl')
 
     if config.EVAL_MODE:
-        state = load_checkpoint(config.MODEL.RESUME, model=model)
-        _check_categories(state, loaders, config.MODEL.RESUME)
+        if config.MODEL.RESUME:
+            state = load_checkpoint(config.MODEL.RESUME, model=model)
+            _check_categories(state, loaders, config.MODEL.RESUME)
+        else:  # a released detector, loaded whole and strictly
+            load_whole_detector(model, config.MODEL.PRETRAINED)
         metrics = run_evaluation(config, model, loaders, device, autocast)
         report_skipped((loaders.val,), 'evaluation', out)
         if rank == 0:
