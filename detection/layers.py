@@ -137,13 +137,22 @@ def encode_deltas(rois: torch.Tensor, gts: torch.Tensor, stds: Sequence[float]) 
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                iou_threshold: float) -> torch.Tensor:
-    """Per-class NMS as mmdetection runs it: every class's boxes shifted apart by the largest
-    coordinate + 1, one NMS over all; the kept indices, highest score first."""
+                iou_threshold: float, split_thr: int = 10000) -> torch.Tensor:
+    """Per-class NMS as mmcv runs it: below ``split_thr`` boxes, every class's boxes shifted apart by
+    the largest coordinate + 1 and one NMS over all; from it on, one NMS per class. The kept indices,
+    highest score first."""
     if not len(boxes):
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     offsets = labels.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    shifted = boxes + offsets[:, None]
+    if len(boxes) < split_thr:
+        return nms(shifted, scores, iou_threshold)
+    kept = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+    for label in torch.unique(labels):
+        members = (labels == label).nonzero().view(-1)
+        kept[members[nms(shifted[members], scores[members], iou_threshold)]] = True
+    keep = kept.nonzero().view(-1)
+    return keep[scores[keep].sort(descending=True)[1]]
 
 
 # ---- images in, boxes out ------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyram
 
 from models.dense import FocalNetDense, build_dense_backbone
 
-METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss')
+METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss', 'cascade_mask_rcnn')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
 # Detectors written with mmdetection's names, whose released checkpoints load whole.
-RELEASED_LOADABLE = ('atss',)
+RELEASED_LOADABLE = ('atss', 'cascade_mask_rcnn')
 
 
 class FocalNetFPN(nn.Module):
@@ -69,6 +69,9 @@ def build_detector(config, num_classes: int) -> nn.Module:
     if method == 'atss':  # written with mmdetection's names (detection/atss.py), not torchvision's
         from .atss import build_atss
         return build_atss(config, num_classes)
+    if method == 'cascade_mask_rcnn':
+        from .cascade_rcnn import build_cascade_mask_rcnn
+        return build_cascade_mask_rcnn(config, num_classes)
     body = build_dense_backbone(config, backbone_out_indices(method))
     C = d.FPN_CHANNELS
     extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)
@@ -108,4 +111,4 @@ def dense_backbone(model: nn.Module) -> FocalNetDense:
 
 
 def has_masks(method: str) -> bool:
-    return method == 'mask_rcnn'
+    return method in ('mask_rcnn', 'cascade_mask_rcnn')

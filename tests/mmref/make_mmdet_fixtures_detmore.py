@@ -86,6 +86,72 @@ def atss_config(num_classes=80):
                       nms=dict(type='nms', iou_threshold=0.6), max_per_img=100))
 
 
+def cascade_mask_rcnn_config(num_classes=80):
+    """The official Cascade Mask R-CNN config; SyncBN as BN (one process). The samplers take every
+    candidate (num far above the counts) so that the training step's losses are deterministic."""
+    def box_head(stds):
+        return dict(type='ConvFCBBoxHead', num_shared_convs=4, num_shared_fcs=1, in_channels=16,
+                    conv_out_channels=16, fc_out_channels=32, roi_feat_size=7, num_classes=num_classes,
+                    bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0., 0., 0., 0.], target_stds=stds),
+                    reg_class_agnostic=False, reg_decoded_bbox=True, norm_cfg=dict(type='BN', requires_grad=True),
+                    loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+                    loss_bbox=dict(type='GIoULoss', loss_weight=10.0))
+
+    def rcnn(iou):
+        return dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=iou, neg_iou_thr=iou, min_pos_iou=iou,
+                                  match_low_quality=False, ignore_iof_thr=-1),
+                    sampler=dict(type='RandomSampler', num=100000, pos_fraction=0.25, neg_pos_ub=-1,
+                                 add_gt_as_proposals=True),
+                    mask_size=28, pos_weight=-1, debug=False)
+    return dict(
+        type='CascadeRCNN',
+        data_preprocessor=dict(type='DetDataPreprocessor', mean=MEAN, std=STD, bgr_to_rgb=True,
+                               pad_size_divisor=32, pad_mask=True),
+        backbone=dict(BACKBONE, out_indices=(0, 1, 2, 3)),
+        neck=dict(type='FPN', in_channels=[8, 16, 32, 64], out_channels=16, num_outs=5),
+        rpn_head=dict(
+            type='RPNHead', in_channels=16, feat_channels=16,
+            anchor_generator=dict(type='AnchorGenerator', scales=[8], ratios=[0.5, 1.0, 2.0],
+                                  strides=[4, 8, 16, 32, 64]),
+            bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[.0, .0, .0, .0], target_stds=[1.0, 1.0, 1.0, 1.0]),
+            loss_cls=dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
+            loss_bbox=dict(type='SmoothL1Loss', beta=1.0 / 9.0, loss_weight=1.0)),
+        roi_head=dict(
+            type='CascadeRoIHead', num_stages=3, stage_loss_weights=[1, 0.5, 0.25],
+            bbox_roi_extractor=dict(type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
+                                    out_channels=16, featmap_strides=[4, 8, 16, 32]),
+            bbox_head=[box_head([0.1, 0.1, 0.2, 0.2]), box_head([0.05, 0.05, 0.1, 0.1]),
+                       box_head([0.033, 0.033, 0.067, 0.067])],
+            mask_roi_extractor=dict(type='SingleRoIExtractor', roi_layer=dict(type='RoIAlign', output_size=14, sampling_ratio=0),
+                                    out_channels=16, featmap_strides=[4, 8, 16, 32]),
+            mask_head=dict(type='FCNMaskHead', num_convs=4, in_channels=16, conv_out_channels=16,
+                           num_classes=num_classes,
+                           loss_mask=dict(type='CrossEntropyLoss', use_mask=True, loss_weight=1.0))),
+        train_cfg=dict(
+            rpn=dict(assigner=dict(type='MaxIoUAssigner', pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3,
+                                   match_low_quality=True, ignore_iof_thr=-1),
+                     sampler=dict(type='RandomSampler', num=1000000, pos_fraction=0.5, neg_pos_ub=-1,
+                                  add_gt_as_proposals=False),
+                     allowed_border=0, pos_weight=-1, debug=False),
+            rpn_proposal=dict(nms_pre=2000, max_per_img=2000, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            rcnn=[rcnn(0.5), rcnn(0.6), rcnn(0.7)]),
+        test_cfg=dict(
+            rpn=dict(nms_pre=1000, max_per_img=1000, nms=dict(type='nms', iou_threshold=0.7), min_bbox_size=0),
+            rcnn=dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=100,
+                      mask_thr_binary=0.5)))
+
+
+def gt_masks(boxes, shape):
+    """An ellipse inscribed in each box: (N, H, W) uint8."""
+    H, W = shape
+    ys, xs = np.mgrid[0:H, 0:W] + 0.5
+    masks = []
+    for x1, y1, x2, y2 in boxes:
+        cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        masks.append((((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1).astype(np.uint8))
+    return np.stack(masks)
+
+
 def perturb(model, generator):
     """Every tensor off its initial value; classifier biases spread so that many boxes pass 0.05."""
     with torch.no_grad():
@@ -93,6 +159,8 @@ def perturb(model, generator):
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
             if name.endswith('atss_cls.bias'):
                 p.copy_(torch.empty(p.shape).uniform_(-4.0, -1.5, generator=generator))
+            if name.endswith('fc_cls.weight'):
+                p.mul_(3.0)  # spread the class scores, so that detections pass 0.05
         for name, b in model.named_buffers():
             # Running statistics of norms; the preprocessor's mean and std stay the official ones.
             if b.dtype.is_floating_point and not name.startswith('data_preprocessor.'):
@@ -116,6 +184,8 @@ def run_method(name, config):
     model = MODELS.build(ConfigDict(copy.deepcopy(config)))
     model.init_weights()
     perturb(model, generator)
+    # Saved before the training step, whose batch norms update their running statistics.
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
     test = pipeline()
     images, metas, detections = [], [], []
@@ -132,7 +202,9 @@ def run_method(name, config):
         pred = result.pred_instances
         det = {'boxes': pred.bboxes.clone(), 'scores': pred.scores.clone(), 'labels': pred.labels.clone()}
         if 'masks' in pred:
-            det['masks'] = pred.masks.clone()
+            # (N, H, W) of the original image as COCO run-length encodings (pycocotools decodes them)
+            from pycocotools import mask as mask_util
+            det['masks'] = mask_util.encode(np.asfortranarray(pred.masks.numpy().transpose(1, 2, 0).astype(np.uint8)))
         detections.append(det)
         print(f'{name}: image {i} {tuple(rgb.shape)} -> {meta["img_shape"]}: {len(det["boxes"])} detections')
 
@@ -143,6 +215,9 @@ def run_method(name, config):
         sample = DetDataSample(metainfo={'img_shape': tuple(image.shape[:2]), 'ori_shape': tuple(image.shape[:2]),
                                          'scale_factor': (1.0, 1.0)})
         sample.gt_instances = InstanceData(bboxes=torch.tensor(GT_BOXES[i]), labels=torch.tensor(GT_LABELS[i]))
+        if 'mask' in name:
+            from mmdet.structures.mask import BitmapMasks
+            sample.gt_instances.masks = BitmapMasks(gt_masks(GT_BOXES[i], image.shape[:2]), *image.shape[:2])
         samples.append(sample)
     data = model.data_preprocessor(dict(inputs=[im.permute(2, 0, 1).flip(0).contiguous() for im in images],
                                         data_samples=samples), True)
@@ -153,7 +228,6 @@ def run_method(name, config):
     assignment = ASSIGNMENTS[name](model, data) if name in ASSIGNMENTS else None
     train_metas = [{k: tuple(s.metainfo[k]) for k in ('img_shape', 'pad_shape', 'batch_input_shape')}
                    for s in data['data_samples']]
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     fixture = {
         'versions': {'mmdet': mmdet.__version__, 'mmcv': mmcv.__version__, 'mmengine': mmengine.__version__,
                      'torch': torch.__version__},
@@ -162,7 +236,9 @@ def run_method(name, config):
         'images': images, 'metas': metas, 'detections': detections,
         'train': {'boxes': [torch.tensor(b) for b in GT_BOXES], 'labels': [torch.tensor(lb) for lb in GT_LABELS],
                   'metas': train_metas, 'losses': losses,
-                  'assignment': assignment},
+                  'assignment': assignment,
+                  'masks': [torch.from_numpy(np.packbits(gt_masks(b, im.shape[:2]), axis=-1))
+                            for b, im in zip(GT_BOXES, images)]},
     }
     OUT.mkdir(parents=True, exist_ok=True)
     torch.save(fixture, OUT / f'{name}.pt')
@@ -183,7 +259,7 @@ def atss_assignment(model, data):
     return torch.cat(targets[1], dim=1).to(torch.int16)
 
 
-METHODS = {'atss': atss_config}
+METHODS = {'atss': atss_config, 'cascade_mask_rcnn': cascade_mask_rcnn_config}
 ASSIGNMENTS = {'atss': atss_assignment}
 
 
