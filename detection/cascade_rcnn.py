@@ -388,9 +388,10 @@ class CascadeRoIHead(nn.Module):
                 loss_bbox = self.giou_weight * _mean(giou, float(len(labels)))
             else:
                 loss_bbox = reg[pos_mask].sum()
-            losses[f's{stage}.loss_cls'] = loss_cls * w
-            losses[f's{stage}.loss_bbox'] = loss_bbox * w
-            losses[f's{stage}.loss_mask'] = self._mask_loss(stage, feats, samples, batch) * w
+            # mmdetection's s{stage}.loss_cls ... named so that metrics.jsonl records them (loss_*).
+            losses[f'loss_s{stage}_cls'] = loss_cls * w
+            losses[f'loss_s{stage}_bbox'] = loss_bbox * w
+            losses[f'loss_s{stage}_mask'] = self._mask_loss(stage, feats, samples, batch) * w
             if stage < len(STAGE_STDS) - 1:
                 proposals = self._refine(stage, samples, rois, labels, cls, reg, batch)
         return losses

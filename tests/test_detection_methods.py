@@ -39,8 +39,15 @@ def load_fixture(method: str) -> dict:
     return fixture
 
 
+# Per method, what else its fixture narrowed; the samplers take every candidate (as the generator's).
+METHOD_OPTS = {'atss': [],
+               'cascade_mask_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.BOX_HEAD_DIM', '32',
+                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000']}
+
+
 def fixture_model(method: str, fixture: dict):
-    config = load_config(str(ROOT / f'configs/detection/{method}_focalnet_tiny_srf_3x.yaml'), FIXTURE_OPTS)
+    config = load_config(str(ROOT / f'configs/detection/{method}_focalnet_tiny_srf_3x.yaml'),
+                         FIXTURE_OPTS + METHOD_OPTS[method])
     model = build_detector(config, 80)
     report = load_released(model, fixture['checkpoint']['state_dict'], model.released_keys)
     assert report['num_tensors'] == len(model.state_dict())
@@ -152,6 +159,48 @@ def test_eval_of_a_released_atss_checkpoint(coco_root, tmp_path):
     assert 'loaded the whole released detector (153 tensors)' in (run / 'log_rank0.txt').read_text()
 
 
+# ---------------------------------------------------------------------------------- Cascade Mask R-CNN
+
+def test_cascade_mask_rcnn_gives_mmdetections_detections_and_masks_on_photographs():
+    """The official Cascade Mask R-CNN config (BN for SyncBN) with random weights, running statistics
+    included: mmdetection's boxes, scores, labels and masks (pasted at the photograph's own size)."""
+    from pycocotools import mask as mask_util
+    fixture = load_fixture('cascade_mask_rcnn')
+    model = fixture_model('cascade_mask_rcnn', fixture).eval()
+    for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
+        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+        with torch.no_grad():
+            ours = model.predict_batch(batch)[0]
+        assert_same_detections(ours, theirs)
+        masks = torch.from_numpy(mask_util.decode(theirs['masks'])).permute(2, 0, 1).bool()
+        assert ours['masks'].shape == (len(masks), 1, *meta['ori_shape'])
+        mine = ours['masks'][:, 0] > 0.5
+        inter = (mine & masks).flatten(1).sum(1)
+        union = (mine | masks).flatten(1).sum(1)
+        same = (inter == union) | (inter >= 0.999 * union)
+        assert same.float().mean() >= 0.99 and union.sum() > 0
+
+
+def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
+    """Both photographs as one batch with boxes and masks: the RPN's and every stage's classification,
+    GIoU and mask losses are mmdetection's (every candidate sampled, so no random draw differs)."""
+    fixture = load_fixture('cascade_mask_rcnn')
+    model = fixture_model('cascade_mask_rcnn', fixture).train()
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    masks = [torch.from_numpy(np.unpackbits(m.numpy(), axis=-1)[..., :s[1]]) for m, s in zip(t['masks'], shapes)]
+    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']), masks=masks)
+    losses = model.loss_batch(batch)
+    # mmdetection's s{i}.loss_{part} are our loss_s{i}_{part}; its accuracies are not losses.
+    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------- learning
 
 @pytest.fixture(scope='module')
@@ -209,10 +258,11 @@ def test_shrunk_atss_learns_from_scratch(coco_root, tmp_path):
 
 # ---------------------------------------------------------------------------------- configs and cost
 
-def test_configs_hold_the_official_recipes():
+@pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn'])
+def test_configs_hold_the_official_recipes(method):
     for rf, levels in (('srf', 2), ('lrf', 3)):
-        c = load_config(str(ROOT / f'configs/detection/atss_focalnet_tiny_{rf}_3x.yaml'))
-        assert c.DETECTION.METHOD == 'atss' and c.MODEL.NAME == f'atss_focalnet_tiny_{rf}_3x'
+        c = load_config(str(ROOT / f'configs/detection/{method}_focalnet_tiny_{rf}_3x.yaml'))
+        assert c.DETECTION.METHOD == method and c.MODEL.NAME == f'{method}_focalnet_tiny_{rf}_3x'
         assert (c.MODEL.FOCAL.EMBED_DIM, list(c.MODEL.FOCAL.DEPTHS)) == (96, [2, 2, 6, 2])
         assert list(c.MODEL.FOCAL.FOCAL_LEVELS) == [levels] * 4
         assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == [11, 9, 9, 7] and c.MODEL.DROP_PATH_RATE == 0.3
@@ -226,6 +276,7 @@ def test_cost_rows_match_the_paper(tmp_path):
     from tools import benchmark
     assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
     rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
-    r = rows['atss_focalnet_tiny_lrf_3x']
-    assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005)
-    assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02)
+    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x'):
+        r = rows[name]
+        assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005), name
+        assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02), name
