@@ -256,6 +256,18 @@ def test_shrunk_atss_learns_from_scratch(coco_root, tmp_path):
     assert records(run)[-1]['bbox_ap'] == pytest.approx(last['bbox_ap'], abs=1e-6)
 
 
+def test_shrunk_cascade_mask_rcnn_learns_from_scratch(coco_root, tmp_path):
+    """From random weights, with masks: box and mask AP far above chance."""
+    out = tmp_path / 'run'
+    detection(['--cfg', 'configs/detection/cascade_mask_rcnn_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
+               '--output', str(out), '--batch-size', '4', '--opts', *SHRINK, *CASCADE_SHRINK])
+    history = records(out / 'cascade_mask_rcnn_focalnet_tiny_srf_3x' / 'default')
+    last = history[-1]
+    assert last['train_loss'] < history[0]['train_loss']
+    assert {'loss_rpn_cls', 'loss_s0_cls', 'loss_s1_bbox', 'loss_s2_mask'} <= set(last)
+    assert last['bbox_ap'] > CASCADE_MIN_AP and last['segm_ap'] > CASCADE_MIN_AP, last
+
+
 # ---------------------------------------------------------------------------------- configs and cost
 
 @pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn'])
