@@ -17,7 +17,6 @@ stages' logits averaged before the softmax; boxes from the last stage; per-class
 Parameter names are mmdetection's (``backbone``, ``neck``, ``rpn_head``, ``roi_head.bbox_head.{i}``,
 ``roi_head.mask_head.{i}``).
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
