@@ -39,8 +39,9 @@ from utils import get_rank, get_world_size, init_distributed, is_distributed
 from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
 from .evaluation import evaluate
-from .model import METHODS, build_detector, dense_backbone, has_masks
+from .model import METHODS, RELEASED_LOADABLE, build_detector, dense_backbone, has_masks
 from .recipe import decay_groups
+from .released import is_released_detector as is_whole_released, load_released
 from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -113,6 +114,9 @@ def load_backbone_weights(model: nn.Module, path: str, category_names=None):
     R-CNN / Faster R-CNN (its RPN and RoI heads too) into the whole detector. The report is logged."""
     body = dense_backbone(model)
     state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if hasattr(model, 'released_keys') and is_whole_released(state):
+        load_whole_detector(model, path, state)
+        return
     if is_released_detector(state):
         logger.info(describe(load_released_detector(model, path, category_names)))
         return
@@ -127,6 +131,17 @@ def load_backbone_weights(model: nn.Module, path: str, category_names=None):
                 f'{len(report["padded"])} kernels centre-padded, {len(report["expanded"])} gate tensors '
                 f'expanded; kept at init (not in the file): {report["added"] or "none"}; '
                 f'not used: {report["dropped"] or "none"}')
+
+
+def load_whole_detector(model: nn.Module, path: str, state: Optional[dict] = None):
+    """A released mmdetection checkpoint, every tensor through the model's key table, strictly."""
+    if state is None:
+        state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if not is_whole_released(state):
+        raise UserError(f'{path} is not a whole released detector (it needs backbone.* and the neck and '
+                        f'head keys); --eval --pretrained evaluates one')
+    report = load_released(model, state, model.released_keys, path)
+    logger.info(f'{path}: loaded the whole released detector ({report["num_tensors"]} tensors)')
 
 
 def make_detector(config, num_classes: int) -> nn.Module:
@@ -246,12 +261,14 @@ def run(args) -> int:
 
     if config.EVAL_MODE:
         source = config.MODEL.RESUME or config.MODEL.PRETRAINED
-        released = is_released_file(source)
-        if released:
+        released = not config.MODEL.RESUME or is_released_file(source)
+        if hasattr(model, 'released_keys') and released:
+            load_whole_detector(model, source)  # ATSS, Cascade: a released detector, whole and strictly
+        elif is_released_file(source):
             logger.info(describe(load_released_detector(model, source, loaders.category_names)))
         elif not config.MODEL.RESUME:
-            raise UserError(f'--eval --pretrained {source}: not a released Mask R-CNN / Faster R-CNN '
-                            f'checkpoint (no RPN and RoI heads); evaluate a whole detector')
+            raise UserError(f'--eval --pretrained {source}: not a released mmdetection detector '
+                            f'checkpoint (no neck and heads); evaluate a whole detector')
         else:
             state = load_checkpoint(config.MODEL.RESUME, model=model)
             _check_categories(state, loaders, config.MODEL.RESUME)

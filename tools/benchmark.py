@@ -431,6 +431,34 @@ def run_detection_table(args, device) -> Tuple[List[dict], List[str]]:
         lines += ['', 'No released checkpoint has been evaluated here (none can be downloaded in this '
                   'environment): the "ours" columns are empty until --released-evals names the metrics.jsonl '
                   'of such evaluations.']
+    other_rows, other_lines = other_detection_rows(env)
+    return rows + other_rows, lines + other_lines
+
+
+def other_detection_rows(env) -> Tuple[List[dict], List[str]]:
+    """The README's other detection methods (FocalNet-T [11,9,9,7], 3x) that this codebase builds."""
+    from config import load_config
+    from detection.cost import PAPER_OTHER_METHODS, detector_cost
+    from detection.model import METHODS
+    rows = []
+    for name, paper in PAPER_OTHER_METHODS.items():
+        if name.split('_focalnet')[0] not in METHODS:
+            continue
+        log(f'[table detection] {name}')
+        cost = detector_cost(load_config(str(ROOT / 'configs' / 'detection' / f'{name}.yaml')))
+        rows.append(dict(config=name, method=paper['method'], kernels='[11,9,9,7]', params_m=cost['params'] / 1e6,
+                         gflops=cost['gflops'], backbone_params_m=cost['backbone_params'] / 1e6,
+                         backbone_gflops=cost['backbone_gflops'], img_size=[800, 1280],
+                         paper_params_m=paper['params_m'], paper_gflops=paper['gflops'],
+                         paper_box_map_3x=paper['box_map'], commit=env['commit']))
+    lines = ['', 'Other detection methods (written with mmdetection\'s names, detection/atss.py ...), '
+             'FocalNet-T with focal windows [11,9,9,7] and 3 focal levels, 3x schedule, at 1280x800.', '',
+             '| method | params (M) | paper | GFLOPs | paper | backbone params (M) | backbone GFLOPs | '
+             'box mAP 3x (paper) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f'| {r["method"]} | {r["params_m"]:.2f} | {r["paper_params_m"]:.1f} | {r["gflops"]:.1f} | '
+                     f'{r["paper_gflops"]:.0f} | {r["backbone_params_m"]:.2f} | {r["backbone_gflops"]:.1f} | '
+                     f'{r["paper_box_map_3x"]} |')
     return rows, lines
 
 
