@@ -131,8 +131,10 @@ def test_multiscale_flip_test_matches_mmseg(model, inference):
     # scales differ by up to one grey level, the probabilities by a few thousandths at most
     error = (probs - ref['probs']).abs()
     assert error.max() < 0.01 and error.mean() < 5e-4
-    agree = (probs.argmax(0) == ref['pred']).float().mean()
-    assert agree > 0.998
+    # and the argmax differs only at near-ties of mmseg's probabilities
+    top2 = ref['probs'].topk(2, dim=0).values
+    differ = probs.argmax(0) != ref['pred']
+    assert differ.float().mean() < 0.01 and ((top2[0] - top2[1])[differ] <= 2 * error.max()).all()
     # the comparison is sharp enough to see the flipped passes un-flipped wrongly
     assert ((ref['probs'] - ref['probs'].flip(-1)).abs().mean() > 20 * error.mean())
 
