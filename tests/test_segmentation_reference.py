@@ -22,7 +22,7 @@ from segmentation.data import reduce_zero_label
 from segmentation.inference import predict_probs, slide_logits
 from segmentation.model import build_segmentor
 from segmentation.transforms import (CatMaxRatioCrop, PhotoMetricDistortion, RandomRescale,
-                                     build_train_transform, normalize)
+                                     build_train_transform, normalize, rescale_size)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'mmseg'
@@ -182,6 +182,8 @@ def test_random_rescale_matches_mmseg_for_the_same_ratio(transforms):
     image, label = tv_tensors.Image(transforms['image']), tv_tensors.Mask(transforms['label'])
     for ratio, size in transforms['resize_sizes']:
         assert rescale_at(ratio).make_params([image])['size'] == size, ratio
+    for (height, width), bound, size in transforms['rescale_bounds']:
+        assert list(rescale_size(height, width, bound)) == size, (height, width, bound)
     for case in transforms['resize']:
         img, lab = rescale_at(case['ratio'])(image, label)
         assert img.shape == case['image'].shape and torch.equal(lab, case['label'])
@@ -222,6 +224,22 @@ def test_crop_keeps_the_crop_mmseg_keeps_for_the_same_draws(transforms):
     assert torch.equal(lab, transforms['crop_output']['label'])
 
 
+def test_crop_rule_at_its_edges_matches_mmseg(transforms):
+    # 4 x 4 crops of a 4 x 40 map: crops exactly at the ratio, ignored pixels beside one class, and
+    # draws of which none qualifies (the last is kept)
+    edges = transforms['crop_edges']
+    crop = CatMaxRatioCrop(4, TRAIN['cat_max_ratio'])
+    inputs = [tv_tensors.Image(torch.zeros(3, 4, 40)), tv_tensors.Mask(edges['label'])]
+    kept_last = 0
+    for case in edges['cases']:
+        offsets = iter(case['offsets'])
+        crop._draw = lambda height, width: next(offsets)
+        params = crop.make_params(inputs)
+        assert (params['top'], params['left']) == tuple(case['kept']), case
+        kept_last += tuple(case['kept']) == tuple(case['offsets'][-1])
+    assert kept_last > 0.2 * len(edges['cases'])
+
+
 def test_flip_matches_mmseg(transforms):
     ref = transforms['flip']
     steps = build_train_transform(scale=TRAIN['scale'], ratio_range=TRAIN['ratio_range'],
@@ -238,8 +256,7 @@ def test_flip_matches_mmseg(transforms):
 
 
 def test_photometric_distortion_matches_mmseg_for_the_same_draws(transforms):
-    top, left, height, width = transforms['photometric_box']
-    image = tv_tensors.Image(transforms['image'][:, top:top + height, left:left + width])
+    image = tv_tensors.Image(transforms['photometric_image'])
     distort = PhotoMetricDistortion()
     exact = 0
     for case in transforms['photometric']:

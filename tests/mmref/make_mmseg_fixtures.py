@@ -68,7 +68,6 @@ TEST_SCALE, CROP, STRIDE = (1024, 101), 64, 43
 AUG_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 # Training transforms.
 TRAIN_SCALE, RATIO_RANGE, TRAIN_CROP, CAT_MAX_RATIO = (400, 100), (0.5, 2.0), 48, 0.75
-PHOTOMETRIC_BOX = [20, 30, 60, 80]  # top, left, height, width of the part distorted
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 
@@ -150,12 +149,20 @@ def balance_classes(model):
     return model
 
 
-def photo():
-    """A 101 x 150 RGB crop of scikit-learn's china.jpg (temple roof, trees and sky)."""
+def sample_photo(name):
     from sklearn.datasets import load_sample_images
     images = load_sample_images()
-    china = images.images[[Path(f).name for f in images.filenames].index('china.jpg')]
-    return np.ascontiguousarray(china[40:141, 250:400])
+    return images.images[[Path(f).name for f in images.filenames].index(name)]
+
+
+def photo():
+    """A 101 x 150 RGB crop of scikit-learn's china.jpg (temple roof, trees and sky)."""
+    return np.ascontiguousarray(sample_photo('china.jpg')[40:141, 250:400])
+
+
+def colourful_photo():
+    """A 60 x 80 crop of flower.jpg: saturated, bright petals, where the distortion's steps clip."""
+    return np.ascontiguousarray(sample_photo('flower.jpg')[200:260, 350:430])
 
 
 def label_of(rgb):
@@ -311,8 +318,7 @@ def transforms_fixture(rgb):
         return dict(img=img.copy(), gt_seg_map=seg.copy(), seg_fields=['gt_seg_map'], img_shape=img.shape[:2],
                     ori_shape=img.shape[:2])
 
-    out = {'image': torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), 'label': torch.from_numpy(reduced),
-           'photometric_box': PHOTOMETRIC_BOX}
+    out = {'image': torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), 'label': torch.from_numpy(reduced)}
     lo, hi = RATIO_RANGE
 
     # RandomResize: the ratio it draws (np.random.random_sample, replayed from the same seed), its output
@@ -333,6 +339,14 @@ def transforms_fixture(rgb):
         r = Resize(scale=bound, keep_ratio=True)(results(bgr, reduced))
         out['resize_sizes'].append((ratio, list(r['img'].shape[:2])))
 
+    # mmcv's keep-ratio rule on bounds where the long edge binds, the short one does, or both are
+    # given (long, short) or (short, long), on the photo and on it turned upright
+    out['rescale_bounds'] = []
+    for bound in ((120, 100), (100, 120), (512, 64), (64, 512), (2048, 512), (160, 101), (149, 1000)):
+        for img in (bgr, np.ascontiguousarray(bgr.transpose(1, 0, 2))):
+            r = Resize(scale=bound, keep_ratio=True)(results(img, reduced if img is bgr else reduced.T.copy()))
+            out['rescale_bounds'].append((list(img.shape[:2]), list(bound), list(r['img'].shape[:2])))
+
     # RandomCrop with cat_max_ratio: the offsets it may draw (replayed) and the one it keeps
     crop = RandomCrop(crop_size=(TRAIN_CROP, TRAIN_CROP), cat_max_ratio=CAT_MAX_RATIO)
     margin_h, margin_w = reduced.shape[0] - TRAIN_CROP, reduced.shape[1] - TRAIN_CROP
@@ -345,6 +359,23 @@ def transforms_fixture(rgb):
         y1, _, x1, _ = crop.crop_bbox(results(bgr, reduced))
         crops.append({'offsets': offsets, 'kept': (int(y1), int(x1))})
     out['crop'] = crops
+    # and on a label map made for the rule's edges: 4 x 4 crops of a 4 x 40 map, mostly class 0, where
+    # a crop is balanced only across the two-column band, exactly at the ratio across a one-column
+    # band, and often none of eleven draws qualifies (then the last is kept)
+    edges = np.zeros((4, 40), np.uint8)
+    edges[:, 10:12] = 1
+    edges[:, 20] = 2
+    edges[:, 30:32] = 255
+    edges[:2, 33] = 3
+    small = RandomCrop(crop_size=(4, 4), cat_max_ratio=CAT_MAX_RATIO)
+    cases = []
+    for seed in range(300):
+        np.random.seed(seed)
+        offsets = [(int(np.random.randint(0, 1)), int(np.random.randint(0, 37))) for _ in range(11)]
+        np.random.seed(seed)
+        y1, _, x1, _ = small.crop_bbox(results(np.zeros((4, 40, 3), np.uint8), edges))
+        cases.append({'offsets': offsets, 'kept': (int(y1), int(x1))})
+    out['crop_edges'] = {'label': torch.from_numpy(edges), 'cases': cases}
     np.random.seed(0)
     r = crop(results(bgr, reduced))
     out['crop_output'] = {'image': torch.from_numpy(r['img'][..., ::-1].copy()).permute(2, 0, 1),
@@ -365,10 +396,11 @@ def transforms_fixture(rgb):
     mmseg_transforms.random = recorder
     try:
         distort = PhotoMetricDistortion()
-        top, left, height, width = PHOTOMETRIC_BOX
-        part = np.ascontiguousarray(bgr[top:top + height, left:left + width])
+        colourful = colourful_photo()
+        out['photometric_image'] = torch.from_numpy(colourful).permute(2, 0, 1).contiguous()
+        part = np.ascontiguousarray(colourful[..., ::-1])
         cases = []
-        for seed in range(24):
+        for seed in range(32):
             np.random.seed(seed)
             recorder.draws = []
             img = distort(dict(img=part.copy()))['img']
