@@ -2,21 +2,16 @@
 
 Merge order: these defaults, a YAML file (its ``BASE`` files first), ``--opts KEY VALUE`` pairs, then
 the named command-line flags. The result is frozen. The defaults are the paper's ImageNet-1K recipe
-for FocalNet-T (SRF); a file in configs/ holds only what differs for its model.
+for FocalNet-T (SRF); a file in configs/ holds only what differs for its model. What each key allows
+is in engine/config_checks.py, how files and --opts are read and merged in engine/config_merge.py.
 """
-import difflib
-import math
 import os
-import re
-from ast import literal_eval
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Optional
 
-import yaml
 from yacs.config import CfgNode as CN
 
-from errors import UserError
-
+from engine.config_checks import validate
+from engine.config_merge import merge_file, merge_opts, set_key
 _C = CN()
 # Files merged before this one, relative to it.
 _C.BASE = ['']
@@ -211,6 +206,11 @@ _C.DETECTION.CROP_SIZE = [384, 600]
 _C.DETECTION.BASE_BATCH = 16
 _C.DETECTION.WARMUP_ITERS = 500
 _C.DETECTION.LR_STEPS = [9, 11]
+# Training batches hold images of one orientation (landscape or not), as mmdetection's GroupSampler.
+_C.DETECTION.GROUP_ASPECT_RATIO = True
+# Weight decay as the official configs: 'official' spares only parameters named *norm* (biases and
+# layer scales are decayed); 'classification' spares every 1-D parameter, as optimizer.py does.
+_C.DETECTION.DECAY_GROUPS = 'official'
 # Test time: detections kept per image, and the score they need.
 _C.DETECTION.SCORE_THRESH = 0.05
 _C.DETECTION.DETECTIONS_PER_IMAGE = 100
@@ -305,370 +305,9 @@ _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
 
-_ARCH_NAMES = None  # the registered model names, read on first use
-
 
 def defaults() -> CN:
     return _C.clone()
-
-
-def _registered_names():
-    global _ARCH_NAMES
-    if _ARCH_NAMES is None:
-        from models import list_models
-        _ARCH_NAMES = set(list_models())
-    return _ARCH_NAMES
-
-
-# ---------------------------------------------------------------------------------------------------
-# What each key allows. Every value is first brought to its default's type (an integer is fine where
-# a number is expected), then checked against the rule below. A key without a rule (a section added
-# later) is checked for its type only, so new sections work before they have rules.
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    allowed: str                      # what the error message says is allowed
-    ok: Callable[[Any], bool]
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _at_least(low, what='an integer') -> Rule:
-    return Rule(f'{what} >= {low}', lambda v: _number(v) and v >= low)
-
-
-def _above(low) -> Rule:
-    return Rule(f'a number > {low}', lambda v: _number(v) and v > low)
-
-
-def _within(low, high, *, high_open=False) -> Rule:
-    return Rule(f'a number in [{low}, {high}{")" if high_open else "]"}',
-                lambda v: _number(v) and low <= v and (v < high if high_open else v <= high))
-
-
-def _one_of(*choices) -> Rule:
-    return Rule('one of ' + ', '.join(map(str, choices)), lambda v: v in choices)
-
-
-def _each(rule: Rule, *, length: Optional[int] = None) -> Rule:
-    count = f'a list of {length} values' if length else 'a non-empty list of values'
-    return Rule(f'{count}, each {rule.allowed}',
-                lambda v: isinstance(v, (list, tuple)) and (len(v) == length if length else len(v) > 0)
-                and all(rule.ok(x) for x in v))
-
-
-def _auto_augment_ok(policy: str) -> bool:
-    """timm's policy strings: 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4', 'original', 'v0', ... ('none'
-    or '' turn it off). timm skips sections it cannot parse, so each section is checked here first."""
-    if policy in ('', 'none'):
-        return True
-    kind, *sections = policy.split('-')
-    known = {'rand': r'(m|n|mstd|mmax|inc|p)\d+(\.\d+)?|t\w+', 'augmix': r'(m|w|d|a|b|mstd)\d+(\.\d+)?'}
-    if kind in known and not all(re.fullmatch(known[kind], s) for s in sections):
-        return False
-    from timm.data.transforms_factory import create_transform
-    try:
-        create_transform(32, is_training=True, auto_augment=policy)
-    except (AssertionError, ValueError, KeyError, IndexError):
-        return False
-    return True
-
-
-_NAME = Rule('a non-empty name without "/" (it names a folder)',
-             lambda v: v not in ('', '.', '..') and '/' not in v and os.sep not in v)
-_RATE = _within(0, 1, high_open=True)
-_PROBABILITY = _within(0, 1)
-
-RULES: Dict[str, Rule] = {
-    'DATA.BATCH_SIZE': _at_least(1),
-    'DATA.DATASET': _one_of('imagenet', 'folder', 'fake'),
-    'DATA.IMG_SIZE': _at_least(1),
-    'DATA.INTERPOLATION': _one_of('bicubic', 'bilinear', 'nearest', 'lanczos', 'box', 'hamming', 'random'),
-    'DATA.CACHE_MODE': _one_of('no', 'part', 'full'),
-    'DATA.NUM_WORKERS': _at_least(0),
-    'DATA.FAKE_SIZE': _at_least(1),
-    'MODEL.TYPE': _one_of('focalnet', 'focal'),
-    'MODEL.NAME': _NAME,
-    # 0 builds a backbone without a classifier (the demo's backbone-only weights).
-    'MODEL.NUM_CLASSES': _at_least(0),
-    'MODEL.DROP_RATE': _RATE,
-    'MODEL.DROP_PATH_RATE': _RATE,
-    'MODEL.LABEL_SMOOTHING': _RATE,
-    'MODEL.FOCAL.PATCH_SIZE': _at_least(1),
-    'MODEL.FOCAL.IN_CHANS': _at_least(1),
-    'MODEL.FOCAL.EMBED_DIM': _at_least(1),
-    'MODEL.FOCAL.DEPTHS': _each(_at_least(1)),
-    'MODEL.FOCAL.MLP_RATIO': _above(0),
-    'MODEL.FOCAL.FOCAL_LEVELS': _each(_at_least(0)),
-    # The depth-wise kernels are FOCAL_FACTOR * l + FOCAL_WINDOW wide and padded by half: an even
-    # kernel would change the map's size, so windows are odd and factors even.
-    'MODEL.FOCAL.FOCAL_WINDOWS': _each(Rule('an odd integer >= 1', lambda v: v >= 1 and v % 2 == 1)),
-    'MODEL.FOCAL.FOCAL_FACTORS': _each(Rule('an even integer >= 0', lambda v: v >= 0 and v % 2 == 0)),
-    'MODEL.FOCAL.LAYERSCALE_VALUE': _above(0),
-    'TRAIN.START_EPOCH': _at_least(0),
-    'TRAIN.EPOCHS': _at_least(1),
-    'TRAIN.WARMUP_EPOCHS': _at_least(0),
-    'TRAIN.WEIGHT_DECAY': _at_least(0, 'a number'),
-    'TRAIN.BASE_LR': _at_least(0, 'a number'),
-    'TRAIN.WARMUP_LR': _at_least(0, 'a number'),
-    'TRAIN.MIN_LR': _at_least(0, 'a number'),
-    'TRAIN.CLIP_GRAD': _at_least(0, 'a number'),
-    'TRAIN.ACCUMULATION_STEPS': _at_least(0),
-    'TRAIN.LR_SCHEDULER.NAME': _one_of('cosine', 'linear', 'step'),
-    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': _at_least(1),
-    'TRAIN.LR_SCHEDULER.DECAY_RATE': _above(0),
-    'TRAIN.OPTIMIZER.NAME': _one_of('adamw', 'sgd'),
-    'TRAIN.OPTIMIZER.EPS': _above(0),
-    'TRAIN.OPTIMIZER.BETAS': _each(_RATE, length=2),
-    'TRAIN.OPTIMIZER.MOMENTUM': _RATE,
-    'TRAIN.EMA.DECAY': _PROBABILITY,
-    'AUG.COLOR_JITTER': _at_least(0, 'a number'),
-    'AUG.AUTO_AUGMENT': Rule('a timm policy such as rand-m9-mstd0.5-inc1, augmix-m5-w3, original or v0, '
-                             'or none', _auto_augment_ok),
-    'AUG.HFLIP': _PROBABILITY,
-    'AUG.REPROB': _PROBABILITY,
-    'AUG.REMODE': _one_of('pixel', 'rand', 'const'),
-    'AUG.RECOUNT': _at_least(1),
-    'AUG.MIXUP': _at_least(0, 'a number'),
-    'AUG.CUTMIX': _at_least(0, 'a number'),
-    'AUG.CUTMIX_MINMAX': Rule('None or [min, max] with 0 < min < max <= 1',
-                              lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
-                                                      and all(map(_number, v)) and 0 < v[0] < v[1] <= 1)),
-    'AUG.MIXUP_PROB': _PROBABILITY,
-    'AUG.MIXUP_SWITCH_PROB': _PROBABILITY,
-    'AUG.MIXUP_MODE': _one_of('batch', 'pair', 'elem'),
-    'AMP_OPT_LEVEL': _one_of('O0', 'O1', 'O2'),
-    'OUTPUT': Rule('a non-empty path', lambda v: v != ''),
-    'TAG': _NAME,
-    'SAVE_FREQ': _at_least(1),
-    'SAVE_KEEP': _at_least(0),
-    'SAVE_MINUTES': _at_least(0, 'a number'),
-    'DIST_TIMEOUT': _at_least(1),
-    'PRINT_FREQ': _at_least(1),
-    # numpy's global generator takes seeds below 2 ** 32.
-    'SEED': Rule(f'an integer from 0 to {2 ** 32 - 1}', lambda v: 0 <= v < 2 ** 32),
-}
-
-
-def _cross_checks(config: CN):
-    """Rules that tie keys together."""
-    focal = config.MODEL.FOCAL
-    for key in ('FOCAL_LEVELS', 'FOCAL_WINDOWS', 'FOCAL_FACTORS'):
-        if len(focal[key]) != len(focal.DEPTHS):
-            raise UserError(f'MODEL.FOCAL.{key} has {len(focal[key])} entries but MODEL.FOCAL.DEPTHS '
-                            f'{list(focal.DEPTHS)} has {len(focal.DEPTHS)} stages; give one per stage')
-    if config.DATA.DATASET == 'fake' and config.MODEL.NUM_CLASSES < 1:
-        raise UserError('MODEL.NUM_CLASSES must be at least 1 for --dataset fake (it labels the images); '
-                        f'got {config.MODEL.NUM_CLASSES}')
-    if config.TRAIN.START_EPOCH >= config.TRAIN.EPOCHS:
-        raise UserError(f'TRAIN.START_EPOCH must be below TRAIN.EPOCHS ({config.TRAIN.EPOCHS}); '
-                        f'got {config.TRAIN.START_EPOCH}')
-
-
-def _lookup(node: CN, key: str):
-    for part in key.split('.'):
-        if not isinstance(node, CN) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
-
-
-_MISSING = object()
-
-
-def validate(config: CN):
-    """Raise a UserError naming the first key whose value is not allowed, the value and what is.
-    Keys the table does not know (sections added later) are left alone."""
-    for key, rule in RULES.items():
-        value = _lookup(config, key)
-        if value is not _MISSING and not rule.ok(value):
-            raise UserError(f'{key} must be {rule.allowed}; got {_show(value)}')
-    _cross_checks(config)
-
-
-def _show(value) -> str:
-    return repr(list(value) if isinstance(value, tuple) else value)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading and merging
-# ---------------------------------------------------------------------------------------------------
-
-_TYPE_NAMES = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}
-
-
-def _coerce(key: str, value, default):
-    """``value`` in the type of ``default`` (which decides what a key holds), or a UserError naming
-    the key. Integers are accepted for numbers, whole numbers for integers, numbers for strings,
-    'true' / 'false' for booleans, lists for tuples and the other way round."""
-    def fail(expected: str):
-        rule = RULES.get(key)
-        raise UserError(f'{key} must be {rule.allowed if rule else expected}; got {_show(value)}')
-
-    kind = type(default)
-    if isinstance(value, str) and kind is not str:
-        value = _parse_value(value)  # as yacs reads YAML: 'BETAS: (0.9, 0.999)' is a tuple
-    if default is None:  # optional values (AUG.CUTMIX_MINMAX): the rule decides
-        return value
-    if kind in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            fail(f'a list, such as {list(default)}')
-        if not default:
-            return kind(value)
-        try:
-            return kind(_coerce(key, x, default[0]) for x in value)
-        except UserError:  # name the whole list, not the element
-            fail(f'a list of {_TYPE_NAMES.get(type(default[0]), "values")}')
-    if kind is bool:
-        if isinstance(value, str) and value.lower() in ('true', 'false'):
-            return value.lower() == 'true'
-        if not isinstance(value, bool):
-            fail('True or False')
-        return value
-    if kind is int:
-        if isinstance(value, float) and math.isfinite(value) and value == int(value):
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            fail('an integer')
-        return value
-    if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            fail('a number')
-        return float(value)
-    if kind is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            fail('a string')
-        return value
-    return value
-
-
-def _read_yaml(path: str) -> dict:
-    if os.path.isdir(path):
-        raise UserError(f'config file {path} is a folder; give a .yaml file')
-    if not os.path.isfile(path):
-        raise UserError(f'config file not found: {path}')
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = yaml.safe_load(f)
-    except UnicodeDecodeError:
-        raise UserError(f'config file {path} is not a YAML text file (it is not UTF-8 text)') from None
-    except OSError as e:
-        raise UserError(f'cannot read the config file {path}: {e.strerror or e}') from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, 'problem_mark', None)
-        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
-        raise UserError(f'config file {path} is not valid YAML: {getattr(e, "problem", None) or e}'
-                        f'{where}') from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f'config file {path} must hold a mapping of keys, not {type(data).__name__}')
-    return data
-
-
-def _normalise_official(data: dict) -> dict:
-    """Accept what the official YAML files write: MODEL.TYPE set to the model's name, and
-    ``MODEL.PRETRAINED: True`` (a note that the weights came from pre-training, not a path)."""
-    model = data.get('MODEL')
-    if isinstance(model, dict):
-        if isinstance(model.get('PRETRAINED'), bool):
-            model.pop('PRETRAINED')
-        if isinstance(model.get('TYPE'), str) and model['TYPE'] in _registered_names():
-            model['TYPE'] = 'focalnet'
-    return data
-
-
-def _bases(data: dict, path: str) -> List[str]:
-    """The BASE entry: one file name or a list of them."""
-    bases = data.pop('BASE', None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    if not isinstance(bases, (list, tuple)) or not all(isinstance(b, str) for b in bases):
-        raise UserError(f'BASE in config file {path} must be a file name or a list of file names; '
-                        f'got {_show(bases)}')
-    return [b for b in bases if b]
-
-
-def _merge_file(config: CN, path: str, seen: tuple = ()):
-    if os.path.abspath(path) in seen:
-        raise UserError(f'config file {path} includes itself through BASE')
-    data = _read_yaml(path)
-    for base in _bases(data, path):
-        _merge_file(config, os.path.join(os.path.dirname(path), base), seen + (os.path.abspath(path),))
-    _merge(config, _normalise_official(data), f'config file {path}')
-
-
-def _unknown(key: str, where: str, known: Iterable[str]) -> UserError:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f' (did you mean {close[0]}?)' if close else ''
-    return UserError(f'unknown config key in {where}: {key}{hint}')
-
-
-def _all_keys(node: CN, prefix: str = '') -> List[str]:
-    keys = []
-    for k, v in node.items():
-        keys += _all_keys(v, f'{prefix}{k}.') if isinstance(v, CN) else [prefix + k]
-    return keys
-
-
-def _merge(config: CN, data: dict, where: str, prefix: str = ''):
-    """Merge a nested mapping into ``config``, each value brought to its default's type."""
-    for key, value in data.items():
-        full = f'{prefix}{key}'
-        if not isinstance(key, str) or key not in config:
-            if isinstance(key, str) and config.is_new_allowed():
-                config[key] = CN(value) if isinstance(value, dict) else value
-                continue
-            raise _unknown(full, where, _all_keys(_C))
-        if isinstance(config[key], CN):
-            if not isinstance(value, dict):
-                raise UserError(f'{full} in {where} must be a mapping of keys; got {_show(value)}')
-            _merge(config[key], value, where, full + '.')
-        else:
-            default = _lookup(_C, full)
-            config[key] = _coerce(full, value, config[key] if default is _MISSING else default)
-
-
-def _parse_value(text: str):
-    """A command-line value as Python reads it (numbers, lists, True/False, None), else the text."""
-    try:
-        return literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
-
-
-def _merge_opts(config: CN, opts: Sequence[str]):
-    opts = list(opts)
-    if len(opts) % 2:
-        raise UserError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
-    for key, value in zip(opts[0::2], opts[1::2]):
-        if isinstance(_lookup(config, key), CN):
-            raise UserError(f'--opts {key} names a section, not a key; give one of its keys, such as '
-                            f'{key}.{next(iter(_lookup(config, key)))}')
-        if _lookup(config, key) is _MISSING:
-            raise _unknown(key, '--opts', _all_keys(_C))
-        if key == 'MODEL.TYPE' and value in _registered_names():
-            value = 'focalnet'
-        *parents, leaf = key.split('.')
-        # Text keys take the text as typed (a TAG of 007 stays '007').
-        tree = {leaf: value if isinstance(_lookup(config, key), str) else _parse_value(value)}
-        for p in reversed(parents):
-            tree = {p: tree}
-        _merge(config, tree, '--opts')
-
-
-def _set(config: CN, key: str, value):
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = _coerce(key, value, node[leaf])
 
 
 def load_config(cfg_path: Optional[str] = None, opts: Iterable[str] = (),
@@ -677,10 +316,10 @@ def load_config(cfg_path: Optional[str] = None, opts: Iterable[str] = (),
     strings), then ``overrides`` (KEY: value, already typed); checked and frozen."""
     config = defaults()
     if cfg_path:
-        _merge_file(config, cfg_path)
-    _merge_opts(config, opts or ())
+        merge_file(config, cfg_path, _C)
+    merge_opts(config, opts or (), _C)
     for key, value in (overrides or {}).items():
-        _set(config, key, value)
+        set_key(config, key, value)
     validate(config)
     config.freeze()
     return config
@@ -708,8 +347,9 @@ _FLAGS = {
 def get_config(args) -> CN:
     """The final config of a main.py run: ``load_config`` plus the named flags given in ``args``
     (a flag left out, None or False, keeps the config's value)."""
-    overrides = {key: getattr(args, attr) for attr, key in _FLAGS.items()
-                 if getattr(args, attr, None) not in (None, False)}
+    # ``is``, not ``in (None, False)``: 0 == False, and --batch-size 0 must reach the range check.
+    overrides = {key: value for attr, key in _FLAGS.items()
+                 if (value := getattr(args, attr, None)) is not None and value is not False}
     return load_config(args.cfg, args.opts or (), overrides)
 
 
@@ -732,25 +372,3 @@ def lr_scale(config: CN, world_size: int) -> float:
 
 def output_dir(config: CN) -> str:
     return os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
-
-
-def _flatten(node, prefix: str = '') -> Dict[str, Any]:
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
-def config_differences(before: str, after: CN) -> List[Tuple[str, Any, Any]]:
-    """(key, value in ``before``, value in ``after``) for every key whose value differs; ``before`` is
-    a config as YAML text (what checkpoints store). Keys only one side has are listed with None on
-    the other."""
-    try:
-        old = _flatten(yaml.safe_load(before) or {})
-    except yaml.YAMLError:
-        return []
-    new = _flatten(after)
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
