@@ -82,6 +82,7 @@ PARSERS = {
     'tools/gpu_check.py': 'tools.gpu_check',
     'benchmarks/gpu_check.sh': 'tools.gpu_check',   # exec python tools/gpu_check.py "$@"
     'demo/app.py': 'demo.app',
+    'tests/mmref/make_mmseg_fixtures.py': 'mmref.make_mmseg_fixtures',
 }
 # What documented commands run that is not ours: the environment's own tools.
 NOT_OURS = {'-m pip', '-m pytest', '-m venv', '-c'}
