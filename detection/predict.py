@@ -23,7 +23,7 @@ from models.cost import count_params
 from tools.dense_predict import (OBJECT_COLOURS, ShowDir, checkpoint_config, collect_inputs, draw_detections,
                                  output_folder, output_names, read_image)
 from tools.loading import device_from_flag
-from utils import load_checkpoint
+from engine.resume import load_checkpoint
 
 from .evaluation import to_coco_results
 from .model import build_detector

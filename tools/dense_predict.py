@@ -16,7 +16,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from config import load_config
 from errors import UserError
 from tools.predict import collect_images
-from utils import read_checkpoint
+from engine.checkpoint import read_checkpoint
 
 # ---- inputs -----------------------------------------------------------------------------------------
 
