@@ -18,6 +18,7 @@ No download; the same seed writes the same files. configs/demo/ holds the models
 """
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Tuple
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument('root', help='folder to write the data set into')
     parser.add_argument('--seed', type=int, default=0, help='another seed draws other scenes (default 0)')
     args = parser.parse_args(argv)
+    if Path(args.root).exists() and not Path(args.root).is_dir():
+        print(f'python -m data.export_shapes: error: {args.root} is a file, not a folder', file=sys.stderr)
+        return 2
     root = WRITERS[args.layout](args.root, args.seed)
     count = sum(1 for p in root.rglob('*.jpg'))
     print(f'wrote {count} images ({TRAIN} train, {VAL} val) in the {args.layout} layout under {root}')
