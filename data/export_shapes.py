@@ -4,15 +4,17 @@
     python -m data.export_shapes ade /tmp/shapes_ade      # ADE20K layout, for python -m segmentation
 
 Each image is a crop of one of scikit-learn's two bundled photos (china.jpg, flower.jpg), mostly
-desaturated, with one to three disks, squares and triangles painted on it, each class in a colour
-family of its own, without overlaps. The same scenes go into both layouts:
+desaturated, with disks, squares and triangles painted on it, each class in a colour family of its
+own:
 
 - coco: ``train2017/``, ``val2017/`` JPEGs and ``annotations/instances_{train,val}2017.json`` with
   polygon masks, boxes and areas; categories 1 disk, 2 square, 3 triangle. Every eighth image has no
   object (kept in validation; the detector's FILTER_EMPTY drops it from training).
 - ade: ``images/{training,validation}/*.jpg`` and ``annotations/{training,validation}/*.png`` label
   maps as ADEChallengeData2016 stores them: 1 photo, 2 disk, 3 square, 4 triangle, and 0 (unlabelled,
-  ignored) on a one-pixel seam around every shape.
+  ignored) on a one-pixel seam around every shape. Here every image has one shape of each class, in
+  random order (a later one may cover an earlier one), on a grey photo: a small model sees every class
+  in every crop.
 
 No download; the same seed writes the same files. configs/demo/ holds the models that learn them.
 """
@@ -51,7 +53,11 @@ def _polygon(kind: str, x: int, y: int, s: int) -> List[float]:
     return np.stack([x + r + r * np.cos(angles), y + r + r * np.sin(angles)], 1).round(2).ravel().tolist()
 
 
-def make_scene(rng: np.random.Generator, photos, size: Tuple[int, int], empty: bool) -> Scene:
+def make_scene(rng: np.random.Generator, photos, size: Tuple[int, int], empty: bool = False,
+               every_class: bool = False) -> Scene:
+    """One to three shapes that do not overlap (none if ``empty``) on a mostly desaturated photo; or,
+    with ``every_class``, one shape of each class in random order (a later one may cover an earlier
+    one) on a grey photo."""
     h, w = size
     photo = photos[int(rng.integers(len(photos)))]
     # A crop of 35% to 100% of the photo's height, of the image's aspect, resized to the image.
@@ -61,16 +67,25 @@ def make_scene(rng: np.random.Generator, photos, size: Tuple[int, int], empty: b
     crop = Image.fromarray(photo[top:top + ch, left:left + cw]).resize((w, h), Image.BILINEAR)
     pixels = np.asarray(crop, dtype=np.float32)
     grey = pixels.mean(axis=2, keepdims=True)
-    image = Image.fromarray(np.clip(grey + COLOUR_KEPT * (pixels - grey), 0, 255).astype(np.uint8))
+    kept = 0.0 if every_class else COLOUR_KEPT
+    image = Image.fromarray(np.clip(grey + kept * (pixels - grey), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     shapes, placed = [], []
-    for _ in range(0 if empty else int(rng.integers(1, 4))):
+    if every_class:
+        kinds = [SHAPES[k] for k in rng.permutation(len(SHAPES))]
+    else:
+        kinds = [None] * (0 if empty else int(rng.integers(1, 4)))  # drawn below, once placed
+    for kind in kinds:
+        # A triangle fills half its box: a larger box gives the classes similar areas.
         s = int(rng.integers(min(h, w) // 5, min(h, w) // 2))
+        if kind == 'triangle':
+            s = min(int(s * 1.4), min(h, w) - 1)
         x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
-        if any(x < a + b + 2 and a < x + s + 2 and y < c + b + 2 and c < y + s + 2 for a, c, b in placed):
+        if not every_class and any(x < a + b + 2 and a < x + s + 2 and y < c + b + 2 and c < y + s + 2
+                                   for a, c, b in placed):
             continue  # no overlaps: every mask is its whole shape
         placed.append((x, y, s))
-        kind = SHAPES[int(rng.integers(len(SHAPES)))]
+        kind = kind or SHAPES[int(rng.integers(len(SHAPES)))]
         colour = tuple(int(np.clip(v + rng.integers(-30, 31), 0, 255)) for v in COLOURS[kind])
         polygon = _polygon(kind, x, y, s)
         draw.polygon(polygon, fill=colour)
@@ -78,7 +93,7 @@ def make_scene(rng: np.random.Generator, photos, size: Tuple[int, int], empty: b
     return Scene(image, shapes)
 
 
-def scenes(seed: int = 0):
+def scenes(seed: int = 0, every_class: bool = False):
     """(split, index, scene) of every image of both splits, the same for a seed."""
     from sklearn.datasets import load_sample_images
     photos = load_sample_images().images
@@ -90,7 +105,8 @@ def scenes(seed: int = 0):
             else:
                 size = (int(rng.integers(96, 161)), int(rng.integers(128, 193)))
                 size = size[::-1] if rng.random() < 0.25 else size
-            yield split, i, make_scene(rng, photos, size, empty=i % 8 == 5)
+            yield split, i, make_scene(rng, photos, size, empty=i % 8 == 5 and not every_class,
+                                       every_class=every_class)
 
 
 def _mask(size: Tuple[int, int], polygon: List[float]) -> np.ndarray:
@@ -128,7 +144,7 @@ def write_coco(root, seed: int = 0) -> Path:
 def write_ade(root, seed: int = 0) -> Path:
     root = Path(root)
     folders = {'train': 'training', 'val': 'validation'}
-    for split, i, scene in scenes(seed):
+    for split, i, scene in scenes(seed, every_class=True):
         label = np.ones((scene.image.height, scene.image.width), np.uint8)  # 1: the photo
         for kind, polygon in scene.shapes:
             shape = Image.fromarray(_mask(scene.image.size, polygon) * 255)
