@@ -164,12 +164,16 @@ def write_ade(root, seed: int = 0) -> Path:
 WRITERS = {'coco': write_coco, 'ade': write_ade}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('python -m data.export_shapes', description=__doc__.splitlines()[0])
     parser.add_argument('layout', choices=sorted(WRITERS), help='coco (detection) or ade (segmentation)')
     parser.add_argument('root', help='folder to write the data set into')
     parser.add_argument('--seed', type=int, default=0, help='another seed draws other scenes (default 0)')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if Path(args.root).exists() and not Path(args.root).is_dir():
         print(f'python -m data.export_shapes: error: {args.root} is a file, not a folder', file=sys.stderr)
         return 2
