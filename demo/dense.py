@@ -124,8 +124,9 @@ def build_tab(dense: DenseDemo, examples: List[Path], checkpoint: str = '', task
             result = dense.run(task, ckpt, cfg, image, thresh)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None
+        import pandas as pd  # gradio's own dependency: a table with its headers in one value
         headers = (['class', 'score', 'x1', 'y1', 'x2', 'y2'] if task == 'detection' else ['class', 'share %'])
-        return result.drawn, gr.update(value=result.rows, headers=headers), result.status
+        return result.drawn, pd.DataFrame(result.rows, columns=headers), result.status
 
     gr.Markdown('A detector or a segmentor trained with `python -m detection` / `python -m segmentation` '
                 '(its checkpoint carries its config), or a released UPerNet with its config file.')
