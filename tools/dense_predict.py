@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from config import load_config
+from data.files import not_regular
 from errors import UserError
 from tools.predict import collect_images
 from engine.checkpoint import read_checkpoint
@@ -24,12 +25,13 @@ from engine.checkpoint import read_checkpoint
 def _refuse_special(path: Path):
     """Only regular files are read: a FIFO or a device would block, or never end."""
     try:
-        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return
     except OSError:
         return  # collect_images names what does not exist
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise UserError(f'{path} is not a regular file or folder (a FIFO, socket or device): '
-                        f'give image files')
+    kind = not_regular(str(path))
+    if kind:
+        raise UserError(f'{path} is {kind}, not a regular file or folder: give image files')
 
 
 def collect_inputs(items: Sequence[str]) -> List[Path]:
