@@ -543,10 +543,15 @@ def test_dense_tab_in_a_browser(server, dense_files, photos, tmp_path):
                 before = page.evaluate('() => { const i = document.querySelector("#dense-drawn img");'
                                        ' return i === null ? "" : i.src; }')
                 page.locator('#dense-run').click()
+                # The answer (the status names the task) or an error (a toast, whose text is shown).
+                page.wait_for_function(
+                    f'() => document.querySelector("#dense-status").innerText.includes("({task})")'
+                    ' || document.querySelector("[data-testid=toast-body]") !== null', timeout=300_000)
+                toast = page.locator('[data-testid=toast-body]')
+                assert toast.count() == 0, toast.first.inner_text()
                 page.wait_for_function(
                     '(before) => { const i = document.querySelector("#dense-drawn img");'
                     ' return i !== null && i.src !== before && i.complete && i.naturalWidth > 0; }', arg=before)
-                page.wait_for_function(f'() => document.querySelector("#dense-status").innerText.includes("{task}")')
                 page.wait_for_function('() => document.querySelector(\'#dense-table [data-testid="cell-0-1"]\') !== null')
                 # gradio's table: one element per cell, data-testid cell-<row>-<column>; it may draw only
                 # the rows in view, so the rows drawn are compared, in order, from the first.
