@@ -229,6 +229,9 @@ _C.SEG = CN()
 # Label files hold 0 for unlabelled pixels (ignored) and 1..N for the classes, as ADE20K: shift them to
 # 0..N-1. False: the files hold 0..N-1. The value 255 is ignored either way.
 _C.SEG.REDUCE_ZERO_LABEL = True
+# Names of the MODEL.NUM_CLASSES classes, for the per-class tables and drawn predictions; empty:
+# ADE20K's 150 names when there are 150 classes, else 'class <i>'.
+_C.SEG.CLASS_NAMES = []
 
 _C.SEG.HEAD = CN()
 # UPerNet decode head: width of every conv block, pyramid pooling grid sizes, dropout before the

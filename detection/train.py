@@ -36,10 +36,12 @@ from models.pretrained import extract_state_dict, read_state_file
 from optimizer import build_optimizer
 from utils import get_rank, get_world_size, init_distributed, is_distributed
 
+from .category_ap import per_class_record, per_class_table
 from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
 from .evaluation import evaluate
 from .model import METHODS, RELEASED_LOADABLE, build_detector, dense_backbone, has_masks
+from .predict import validation_drawer
 from .recipe import decay_groups
 from .released import is_released_detector as is_whole_released, load_released
 from .schedule import build_detection_scheduler
@@ -70,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--output', metavar='PATH', help='output root; a run writes <output>/<name>/<tag>')
     parser.add_argument('--tag', help='name of the run under the model name')
     parser.add_argument('--eval', action='store_true', help='evaluate a checkpoint (--resume) only')
+    parser.add_argument('--show-dir', metavar='DIR', help='with --eval: save every validation image with '
+                        'its detections drawn into DIR')
     # Passed by the legacy torch.distributed.launch; torchrun sets LOCAL_RANK in the environment.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -211,14 +215,15 @@ def train_one_epoch(t: Trainer, loader, epoch: int) -> Dict[str, float]:
     return means
 
 
-def run_evaluation(config, model, loaders, device, autocast) -> dict:
+def run_evaluation(config, model, loaders, device, autocast, show=None) -> dict:
     iou_types = ('bbox', 'segm') if has_masks(config.DETECTION.METHOD) else ('bbox',)
     metrics = evaluate(model, loaders.val, device, autocast, loaders.val_coco,
-                       loaders.label_to_category, iou_types)
+                       loaders.label_to_category, iou_types, show)
     if metrics.get('summary'):
         logger.info('COCO evaluation:\n' + metrics['summary'])
     shown = '  '.join(f'{k} {metrics[k]:.2f}' for k in RECORDED if metrics.get(k) is not None)
     logger.info(f' * {shown}  ({metrics["images"]} images, {metrics["detections"]} detections)')
+    logger.info(per_class_table(metrics, loaders.category_names))
     return metrics
 
 
@@ -235,6 +240,8 @@ def run(args) -> int:
     if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
         raise UserError('--eval needs the detector to evaluate: --resume <checkpoint> (or --pretrained '
                         '<released mmdetection checkpoint>)')
+    if args.show_dir and not config.EVAL_MODE:
+        raise UserError('--show-dir draws the validation images of --eval; add --eval --resume <checkpoint>')
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
     rank = get_rank()
     out = output_dir(config)
@@ -272,13 +279,17 @@ def run(args) -> int:
         else:
             state = load_checkpoint(config.MODEL.RESUME, model=model)
             _check_categories(state, loaders, config.MODEL.RESUME)
-        metrics = run_evaluation(config, model, loaders, device, autocast)
+        show = validation_drawer(args.show_dir, loaders.val_coco, loaders.category_names) if args.show_dir else None
+        metrics = run_evaluation(config, model, loaders, device, autocast, show)
+        if show is not None:
+            logger.info(f'drew {show.show.count} validation images into {args.show_dir}')
         report_skipped((loaders.val,), 'evaluation', out)
         if rank == 0:
             append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'model': config.MODEL.NAME,
                                           'released': released,
                                           **{k: metrics.get(k) for k in RECORDED if k in metrics},
-                                          'images': metrics['images']})
+                                          'images': metrics['images'],
+                                          **per_class_record(metrics, loaders.category_names)})
         return 0
     return train(config, loaders, model, device, autocast, dtype, out, metrics_path)
 
@@ -339,6 +350,7 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
         if (epoch + 1) % config.DETECTION.EVAL_FREQ == 0 or epoch == epochs - 1:
             metrics = run_evaluation(config, model, loaders, device, autocast)
             record.update({k: metrics[k] for k in RECORDED if k in metrics})
+            record.update(per_class_record(metrics, loaders.category_names))
             best = max(best, metrics.get(BEST) or 0.0)
             record[f'best_{BEST}'] = best
         report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
@@ -354,7 +366,8 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
                 path = save_checkpoint(checkpoint_path(out, epoch), model=model, optimizer=optimizer,
                                        lr_scheduler=scheduler, scaler=scaler, epoch=epoch,
                                        max_accuracy=best, config=config, keep=config.SAVE_KEEP,
-                                       extra={'categories': list(loaders.label_to_category)})
+                                       extra={'categories': list(loaders.label_to_category),
+                                              'category_names': list(loaders.category_names)})
                 logger.info(f'saved {path}')
     if writer is not None:
         writer.close()

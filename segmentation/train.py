@@ -37,10 +37,12 @@ from optimizer import build_optimizer
 from utils import all_reduce_sum, get_rank, get_world_size, init_distributed, is_distributed
 
 from .checkpoint import load_pretrained, load_segmentor_weights
+from .classes import class_names, per_class_record, per_class_table
 from .data import ADE20K, check_labels, train_loader, val_loader
 from .inference import predict
 from .metrics import SegmentationMetric
 from .model import Segmentor, build_segmentor
+from .predict import validation_drawer
 from .transforms import build_train_transform
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--pretrained', help='ImageNet weights for the backbone, or a whole segmentor checkpoint')
     p.add_argument('--resume', help='checkpoint to resume from, or to evaluate with --eval (ours or released)')
     p.add_argument('--eval', action='store_true', help='evaluate only')
+    p.add_argument('--show-dir', metavar='DIR', help='with --eval: save every validation image with its '
+                   'predicted classes laid over it into DIR')
     p.add_argument('--aug-test', action='store_true',
                    help='multi-scale (SEG.TEST.AUG_RATIOS) and flip testing: the "mIoU (MS)" column')
     p.add_argument('--accumulation-steps', type=int, help='micro-batches per optimizer step')
@@ -86,6 +90,7 @@ def check_config(config):
     stages = len(config.MODEL.FOCAL.DEPTHS)
     if not 0 <= seg.HEAD.AUX_INDEX < stages:
         raise UserError(f'SEG.HEAD.AUX_INDEX must name a backbone stage, 0..{stages - 1}; got {seg.HEAD.AUX_INDEX}')
+    class_names(config)  # SEG.CLASS_NAMES, when given, names every class
     lo, hi = seg.AUG.RATIO_RANGE
     if not 0 < lo <= hi:
         raise UserError(f'SEG.AUG.RATIO_RANGE must be [low, high] with 0 < low <= high; '
@@ -115,25 +120,30 @@ def lr_scale(config, world_size: int) -> float:
 
 
 @torch.inference_mode()
-def evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
-    """mIoU, mAcc, aAcc (%) and per-class IoU over the whole validation set, all processes."""
+def evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast, show=None) -> Dict:
+    """mIoU, mAcc, aAcc (%) and per-class IoU over the whole validation set, all processes.
+    ``show(image, prediction, label_path)``, when given, sees every image (``--show-dir``)."""
     model.eval()
     # Images come in many sizes: cuDNN's per-size search would cost more than it saves.
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     try:
-        return _evaluate(model, loader, device, config, options, autocast)
+        return _evaluate(model, loader, device, config, options, autocast, show)
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
+def _evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast, show=None) -> Dict:
     metric = SegmentationMetric(model.num_classes, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     progress = Progress(len(loader))
     for i, (images, (labels, paths)) in enumerate(loader):
         check_labels(labels, paths, model.num_classes, config.SEG.REDUCE_ZERO_LABEL)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        metric.update(predict(model, images, autocast=autocast, **options), labels)
+        pred = predict(model, images, autocast=autocast, **options)
+        metric.update(pred, labels)
+        if show is not None:
+            for image, p, path in zip(images, pred, paths):
+                show(image, p, path)
         count += len(images)
         if i % config.PRINT_FREQ == 0 or i + 1 == len(loader):
             tick = progress.tick(i)
@@ -142,6 +152,7 @@ def _evaluate(model: Segmentor, loader, device: torch.device, config, options: d
     result['images'] = int(all_reduce_sum(count).item())
     logger.info(f' * mIoU {result["miou"]:.2f} mAcc {result["macc"]:.2f} aAcc {result["aacc"]:.2f} '
                 f'({result["images"]} images; scales {options["ratios"]}, flip {options["flip"]}, {options["mode"]})')
+    logger.info(per_class_table(result, class_names(config)))
     return result
 
 
@@ -175,6 +186,8 @@ def datasets(config, train: bool):
 
 def run(args) -> int:
     config = get_config(args)
+    if args.show_dir and not config.EVAL_MODE:
+        raise UserError('--show-dir draws the validation images of --eval; add --eval --resume <checkpoint>')
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
     check_same_config(config)
     out = output_dir(config)
@@ -221,14 +234,17 @@ def run_eval(config, args, model: Segmentor, val, device, autocast, out: str, me
         raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
     load_segmentor_weights(model, source)
     options = inference_options(config, args.aug_test)
-    result = evaluate(model, val, device, config, options, autocast)
+    show = validation_drawer(args.show_dir, config) if args.show_dir else None
+    result = evaluate(model, val, device, config, options, autocast, show)
+    if show is not None:
+        logger.info(f'drew {show.show.count} validation images into {args.show_dir}')
     report_skipped((val,), 'evaluation', out)
     if get_rank() == 0:
         append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'miou': result['miou'],
                                       'macc': result['macc'], 'aacc': result['aacc'],
                                       'images': result['images'], 'ratios': options['ratios'],
-                                      'flip': options['flip'], 'test_mode': options['mode']})
-        logger.info('per-class IoU: ' + ' '.join('-' if v is None else f'{v:.1f}' for v in result['iou']))
+                                      'flip': options['flip'], 'test_mode': options['mode'],
+                                      **per_class_record(result, class_names(config))})
     return 0
 
 
@@ -433,7 +449,8 @@ def evaluate_and_record(t: Trainer, val, done: int, loaders):
     if get_rank() == 0:
         append_metrics(t.metrics_path, {'iter': done, 'train_loss': train_loss, 'miou': result['miou'],
                                         'macc': result['macc'], 'aacc': result['aacc'],
-                                        'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best})
+                                        'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best,
+                                        **per_class_record(result, class_names(t.config))})
         for key in ('miou', 'macc', 'aacc'):
             t.writer.add_scalar(f'val/{key}', result[key], done)
         t.writer.flush()

@@ -83,6 +83,9 @@ PARSERS = {
     'benchmarks/gpu_check.sh': 'tools.gpu_check',   # exec python tools/gpu_check.py "$@"
     'demo/app.py': 'demo.app',
     'tests/mmref/make_mmseg_fixtures.py': 'mmref.make_mmseg_fixtures',
+    '-m data.export_shapes': 'data.export_shapes',
+    '-m detection.predict': 'detection.predict',
+    '-m segmentation.predict': 'segmentation.predict',
 }
 # What documented commands run that is not ours: the environment's own tools.
 NOT_OURS = {'-m pip', '-m pytest', '-m venv', '-c'}
