@@ -114,11 +114,11 @@ class RawBatch:
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
-        pixels = self.pixels.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+        pixels = self.pixels.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
         mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.finish.std, device=device).view(1, -1, 1, 1)
-        images = pixels.float().div(255).sub(mean).div(std).contiguous()
+        images = pixels.float().div_(255).sub_(mean).div_(std)
         for image, erasures in zip(images, self.erasures):
             if erasures is not None:
                 _erase(image, erasures, self.finish.erase_mode)
@@ -241,8 +241,10 @@ def _draft_crop_resize(header: Image.Image, box, reduction: int, size, interpola
         header.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise CorruptImageError(where, str(e) or type(e).__name__) from None
-    scale = header.size[0] / w  # 1 / the reduction libjpeg chose
-    x0, y0, x1, y1 = left * scale, top * scale, (left + crop_w) * scale, (top + crop_h) * scale
+    # libjpeg's reduction r (its reduced image is ceil(w / r) wide): reduced pixel i covers the
+    # original pixels [i * r, (i + 1) * r), so positions scale by exactly 1 / r.
+    r = next((r for r in (1, 2, 4, 8) if math.ceil(w / r) == header.size[0]), w / header.size[0])
+    x0, y0, x1, y1 = left / r, top / r, (left + crop_w) / r, (top + crop_h) / r
     # Crop whole pixels around the box so the filter meets the crop's edge where the reference does.
     cx0, cy0 = math.floor(x0), math.floor(y0)
     cx1, cy1 = min(header.size[0], math.ceil(x1)), min(header.size[1], math.ceil(y1))

@@ -189,6 +189,20 @@ def test_large_photos_decode_at_a_reduced_scale(monkeypatch, one_thread):
     assert len(reductions) >= 6 and max(reductions) >= 4
 
 
+def test_reduced_decode_of_crops_reaching_the_corner_of_odd_sized_images():
+    photo = _photo(7, sizes=(400, 640)).resize((1601, 1203), Image.BICUBIC)
+    data = _encode(photo, quality=90)
+    for box in ((0, 0, 1601, 1203), (1601 - 900, 1203 - 600, 900, 600), (3, 1, 1598, 1202)):
+        left, top, w, h = box
+        reduction = _reduction(w, h, 224, 224)
+        out = fast_module._draft_crop_resize(Image.open(io.BytesIO(data)), box, reduction, (224, 224),
+                                             TF.InterpolationMode.BICUBIC, 'x')
+        ref = photo.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC)
+        assert reduction > 1 and out.size == (224, 224)
+        mse = np.mean((np.asarray(out, dtype=float) - np.asarray(ref, dtype=float)) ** 2)
+        assert 10 * np.log10(255 ** 2 / mse) >= 30  # against the photo itself, before JPEG coding
+
+
 def test_decoder_choice_is_dispatched_on_what_the_header_says(monkeypatch):
     """Plain 8-bit colour JPEGs go to torchvision's decoder; without it (or without its filter), Pillow."""
     calls = []
