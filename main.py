@@ -23,22 +23,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import faults
-from config import config_differences, get_config, lr_scale, output_dir, with_num_classes
+from config import get_config, lr_scale, output_dir, with_num_classes
 from data import build_loader
 from data.robust import report_skipped
 from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics,
                     check_same_config, drop_metrics_from, make_autocast, make_scaler, match_grad_layout,
                     memory_mb, run_cli, tensorboard_writer, wrap_ddp)
+from engine.checkpoint import all_finite, checkpoint_path, save_checkpoint
+from engine.config_merge import config_differences
+from engine.folders import ensure_writable_dir
+from engine.resume import find_resume_checkpoint, load_checkpoint
+from engine.seed import derive_seed, rng_state, seed_everything, set_rng_state
+from engine.weights import check_weights_path
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from models.cost import count_flops, count_params
 from optimizer import build_optimizer
-from utils import (all_finite, all_gather_objects, all_reduce_sum, check_weights_path, checkpoint_path,
-                   derive_seed, ensure_writable_dir, find_resume_checkpoint, get_rank, get_world_size,
-                   init_distributed, is_distributed, load_checkpoint, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state)
+from utils import (all_gather_objects, all_reduce_sum, get_rank, get_world_size, init_distributed,
+                   is_distributed)
 
 logger = logging.getLogger(LOGGER_NAME)
 

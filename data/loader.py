@@ -7,8 +7,9 @@ import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset
 
+from engine.seed import derive_seed, seed_worker
 from errors import UserError
-from utils import derive_seed, get_rank, get_world_size, seed_worker
+from utils import get_rank, get_world_size
 
 from .datasets import build_dataset
 from .robust import SkipReportingLoader, collate_with_problems

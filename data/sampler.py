@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from utils import derive_seed
+from engine.seed import derive_seed
 
 
 class ResumableSampler(DistributedSampler):

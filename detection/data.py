@@ -20,7 +20,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
-from utils import derive_seed, get_rank, get_world_size, seed_worker
+from engine.seed import derive_seed, seed_worker
+from utils import get_rank, get_world_size
 
 
 class CocoImages(CocoDetection):

@@ -6,7 +6,7 @@
     python -m detection --cfg ... --data-path <coco> --eval --resume <checkpoint>
 
 The pieces shared with classification (AMP, the optimizer step, checkpoints, auto-resume,
-metrics.jsonl, progress, the one-line errors) come from engine/ and utils.py.
+metrics.jsonl, progress, the one-line errors) come from engine/.
 """
 import argparse
 import logging
@@ -25,14 +25,16 @@ from data.robust import report_skipped
 from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from,
                     make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, tensorboard_writer,
                     wrap_ddp)
+from engine.checkpoint import checkpoint_path, save_checkpoint
+from engine.resume import auto_resume_file, load_checkpoint
+from engine.seed import derive_seed, seed_everything
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from models import init_from_classification, load_dense_checkpoint
 from models.cost import count_params
 from models.pretrained import extract_state_dict, read_state_file
 from optimizer import build_optimizer
-from utils import (auto_resume_file, checkpoint_path, derive_seed, get_rank, get_world_size,
-                   init_distributed, is_distributed, load_checkpoint, save_checkpoint, seed_everything)
+from utils import get_rank, get_world_size, init_distributed, is_distributed
 
 from .data import build_detection_loaders
 from .evaluation import evaluate

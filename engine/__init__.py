@@ -1,8 +1,11 @@
 """The pieces every training entry point shares (classification, detection, segmentation).
 
 main.py, ``python -m detection`` and ``python -m segmentation`` connect them; none of them owns a copy.
-Distributed setup, seeds and checkpoints live in utils.py, the logger in logger.py, the optimizer and
-schedule builders in optimizer.py and lr_scheduler.py.
+Here: checkpoint files (checkpoint.py), what a checkpoint holds (checkpoint_checks.py), loading and
+the resume lookup (resume.py), seeds (seed.py), the output folder (folders.py), the lock, pre-emption,
+the optimizer step, AMP, metrics and progress, and the config's rules and merging (config_checks.py,
+config_merge.py). Distributed processes are utils.py, the defaults config.py, the logger logger.py,
+the optimizer and schedule builders optimizer.py and lr_scheduler.py.
 """
 from .amp import amp_dtype, make_autocast, make_scaler
 from .cli import report, run_cli

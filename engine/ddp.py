@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from config import config_differences
+from .config_merge import config_differences
 from errors import UserError
 from utils import all_gather_objects, is_distributed
 

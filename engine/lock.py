@@ -15,7 +15,8 @@ import time
 from typing import Optional
 
 from errors import UserError
-from utils import STALE_AFTER_S, all_gather_objects, ensure_writable_dir, get_rank, process_alive
+from utils import all_gather_objects, get_rank
+from .folders import STALE_AFTER_S, ensure_writable_dir, process_alive
 
 LOCK_NAME = 'run.lock'
 HEARTBEAT_S = 30  # how often the holder refreshes the lock; well below STALE_AFTER_S

@@ -24,7 +24,8 @@ from torchvision import tv_tensors
 
 from data.robust import (CorruptImageError, DataError, SkipReportingLoader, collate_with_problems,
                          open_image)
-from utils import get_rank, get_world_size, seed_worker
+from engine.seed import seed_worker
+from utils import get_rank, get_world_size
 
 from .transforms import IGNORE_INDEX
 

@@ -26,13 +26,15 @@ from data.robust import report_skipped
 from engine import (OptimizerStep, Preemption, Progress, RunLock, amp_dtype, append_metrics, check_same_config,
                     drop_metrics_from, make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli,
                     tensorboard_writer, wrap_ddp)
+from engine.checkpoint import checkpoint_path, save_checkpoint
+from engine.folders import ensure_writable_dir
+from engine.resume import find_resume_checkpoint, load_checkpoint
+from engine.seed import derive_seed, seed_everything
 from errors import UserError
 from logger import NAME as LOGGER_NAME, create_logger
 from lr_scheduler import build_iter_scheduler
 from optimizer import build_optimizer
-from utils import (all_reduce_sum, checkpoint_path, derive_seed, ensure_writable_dir, find_resume_checkpoint,
-                   get_rank, get_world_size, init_distributed, is_distributed, load_checkpoint, save_checkpoint,
-                   seed_everything)
+from utils import all_reduce_sum, get_rank, get_world_size, init_distributed, is_distributed
 
 from .checkpoint import load_pretrained, load_segmentor_weights
 from .data import ADE20K, check_labels, train_loader, val_loader

@@ -145,16 +145,16 @@ def test_an_output_path_through_a_file_is_one_line(tiny_cfg, tiny_data, tmp_path
 def test_an_output_folder_that_cannot_be_written_is_found_before_any_work(tmp_path, monkeypatch, error,
                                                                           reason):
     import builtins
-    import utils
+    import engine.folders as folders
 
     def refuse(path, *args, **kwargs):
         if '.write_test.' in str(path):
             raise error
         return builtins.open(path, *args, **kwargs)
 
-    monkeypatch.setattr(utils, 'open', refuse, raising=False)
+    monkeypatch.setattr(folders, 'open', refuse, raising=False)
     with pytest.raises(UserError) as info:
-        utils.ensure_writable_dir(str(tmp_path / 'out'))
+        folders.ensure_writable_dir(str(tmp_path / 'out'))
     assert str(info.value) == f'cannot write to the output folder {tmp_path / "out"}: {reason}'
     assert list((tmp_path / 'out').iterdir()) == []
 
@@ -177,7 +177,7 @@ def test_a_full_disk_stops_in_one_line(tiny_cfg, tiny_data, tmp_path, capsys):
 
 def test_a_checkpoint_that_does_not_fit_is_listed_key_by_key(tmp_path):
     from models import FocalNet
-    from utils import load_checkpoint
+    from engine.resume import load_checkpoint
     path = tmp_path / 'wide.pth'
     wide = FocalNet(embed_dim=16, depths=(1, 1, 1, 1), num_classes=3).state_dict()
     torch.save({'model': wide}, path)

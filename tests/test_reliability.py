@@ -144,7 +144,7 @@ def hostile_checkpoint(path: Path, marker: Path) -> Path:
 
 
 def test_auto_resume_passes_over_damaged_and_hostile_files(tmp_path, uninterrupted, caplog):
-    from utils import auto_resume_file
+    from engine.resume import auto_resume_file
     good = tmp_path / 'ckpt_epoch_1.pth'
     shutil.copy(uninterrupted, good)
     data = good.read_bytes()
@@ -163,7 +163,7 @@ def test_auto_resume_passes_over_damaged_and_hostile_files(tmp_path, uninterrupt
 
 def test_retention_keeps_the_newest_checkpoints(tmp_path):
     from config import load_config
-    from utils import save_checkpoint
+    from engine.checkpoint import save_checkpoint
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
@@ -184,32 +184,33 @@ def test_retention_keeps_the_newest_checkpoints(tmp_path):
 
 
 def test_a_full_disk_during_a_save_stops_cleanly_and_keeps_the_previous_file(tmp_path, monkeypatch):
-    import utils
+    import engine.checkpoint as checkpoint
     from config import load_config
+    from engine.resume import auto_resume_file
     from errors import TrainingStopped
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = dict(model=model, optimizer=optimizer,
                   lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
                   scaler=torch.amp.GradScaler('cpu', enabled=False), max_accuracy=0.0, config=load_config())
-    utils.save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), epoch=0, **kwargs)
+    checkpoint.save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), epoch=0, **kwargs)
 
     def half_then_full(obj, f):
         f.write(b'PK\x03\x04' + bytes(1000))
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(utils.torch, 'save', half_then_full)
+    monkeypatch.setattr(checkpoint.torch, 'save', half_then_full)
     with pytest.raises(TrainingStopped, match='no space left on the device of '):
-        utils.save_checkpoint(str(tmp_path / 'ckpt_epoch_1.pth'), epoch=1, keep=1, **kwargs)
+        checkpoint.save_checkpoint(str(tmp_path / 'ckpt_epoch_1.pth'), epoch=1, keep=1, **kwargs)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt_epoch_0.pth']
-    assert utils.auto_resume_file(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_0.pth')
+    assert auto_resume_file(str(tmp_path)) == str(tmp_path / 'ckpt_epoch_0.pth')
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
     from config import load_config
     from errors import TrainingStopped
-    from utils import save_checkpoint
+    from engine.checkpoint import save_checkpoint
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.bias[0] = float('nan')

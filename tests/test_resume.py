@@ -183,7 +183,7 @@ def test_lock_of_a_dead_or_silent_holder_is_taken_over_a_live_one_is_not(tmp_pat
 
 def test_temporary_files_of_a_live_process_are_never_deleted(tmp_path):
     from config import load_config
-    from utils import save_checkpoint
+    from engine.checkpoint import save_checkpoint
     host = socket.gethostname().replace('.', '-')
     with subprocess.Popen(['sleep', '60']) as alive:
         try:
@@ -303,7 +303,7 @@ def test_an_unusable_entry_is_named_and_auto_resume_passes_over_the_file(what, t
     import copy
     import logging
     from models import FocalNet
-    from utils import find_resume_checkpoint, load_checkpoint
+    from engine.resume import find_resume_checkpoint, load_checkpoint
     good = tmp_path / 'ckpt_epoch_1.pth'
     good.write_bytes(uninterrupted.read_bytes())
     bad = tmp_path / 'ckpt_epoch_2.pth'
@@ -359,7 +359,8 @@ def test_a_resumed_run_continues_the_gradient_scaler(tmp_path):
     must go on from the saved scale and growth count, not from a fresh scaler's. A CPU scaler runs the
     same code as a CUDA one."""
     from config import load_config
-    from utils import load_checkpoint, save_checkpoint
+    from engine.checkpoint import save_checkpoint
+    from engine.resume import load_checkpoint
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10, growth_interval=2, enabled=True)

@@ -1,0 +1,219 @@
+"""Reading and merging config values: YAML files (with their BASE files), --opts KEY VALUE pairs and
+typed overrides, each value brought to its default's type; and the differences between two configs."""
+import difflib
+import math
+import os
+from ast import literal_eval
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from errors import UserError
+
+from .config_checks import MISSING, RULES, lookup, show
+
+_ARCH_NAMES = None  # the registered model names, read on first use
+
+
+def _registered_names():
+    global _ARCH_NAMES
+    if _ARCH_NAMES is None:
+        from models import list_models
+        _ARCH_NAMES = set(list_models())
+    return _ARCH_NAMES
+
+_TYPE_NAMES = {bool: 'True or False', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def _coerce(key: str, value, default):
+    """``value`` in the type of ``default`` (which decides what a key holds), or a UserError naming
+    the key. Integers are accepted for numbers, whole numbers for integers, numbers for strings,
+    'true' / 'false' for booleans, lists for tuples and the other way round."""
+    def fail(expected: str):
+        rule = RULES.get(key)
+        raise UserError(f'{key} must be {rule.allowed if rule else expected}; got {show(value)}')
+
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        value = _parse_value(value)  # as yacs reads YAML: 'BETAS: (0.9, 0.999)' is a tuple
+    if default is None:  # optional values (AUG.CUTMIX_MINMAX): the rule decides
+        return value
+    if kind in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            fail(f'a list, such as {list(default)}')
+        if not default:
+            return kind(value)
+        try:
+            return kind(_coerce(key, x, default[0]) for x in value)
+        except UserError:  # name the whole list, not the element
+            fail(f'a list of {_TYPE_NAMES.get(type(default[0]), "values")}')
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        if not isinstance(value, bool):
+            fail('True or False')
+        return value
+    if kind is int:
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail('an integer')
+        return value
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            fail('a number')
+        return float(value)
+    if kind is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            fail('a string')
+        return value
+    return value
+
+
+def _read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise UserError(f'config file {path} is a folder; give a .yaml file')
+    if not os.path.isfile(path):
+        raise UserError(f'config file not found: {path}')
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f'config file {path} is not a YAML text file (it is not UTF-8 text)') from None
+    except OSError as e:
+        raise UserError(f'cannot read the config file {path}: {e.strerror or e}') from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''
+        raise UserError(f'config file {path} is not valid YAML: {getattr(e, "problem", None) or e}'
+                        f'{where}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f'config file {path} must hold a mapping of keys, not {type(data).__name__}')
+    return data
+
+
+def _normalise_official(data: dict) -> dict:
+    """Accept what the official YAML files write: MODEL.TYPE set to the model's name, and
+    ``MODEL.PRETRAINED: True`` (a note that the weights came from pre-training, not a path)."""
+    model = data.get('MODEL')
+    if isinstance(model, dict):
+        if isinstance(model.get('PRETRAINED'), bool):
+            model.pop('PRETRAINED')
+        if isinstance(model.get('TYPE'), str) and model['TYPE'] in _registered_names():
+            model['TYPE'] = 'focalnet'
+    return data
+
+
+def _bases(data: dict, path: str) -> List[str]:
+    """The BASE entry: one file name or a list of them."""
+    bases = data.pop('BASE', None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, (list, tuple)) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f'BASE in config file {path} must be a file name or a list of file names; '
+                        f'got {show(bases)}')
+    return [b for b in bases if b]
+
+
+def merge_file(config: CN, path: str, defaults: CN, seen: tuple = ()):
+    if os.path.abspath(path) in seen:
+        raise UserError(f'config file {path} includes itself through BASE')
+    data = _read_yaml(path)
+    for base in _bases(data, path):
+        merge_file(config, os.path.join(os.path.dirname(path), base), defaults,
+                   seen + (os.path.abspath(path),))
+    _merge(config, _normalise_official(data), f'config file {path}', defaults)
+
+
+def _unknown(key: str, where: str, known: Iterable[str]) -> UserError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f' (did you mean {close[0]}?)' if close else ''
+    return UserError(f'unknown config key in {where}: {key}{hint}')
+
+
+def _all_keys(node: CN, prefix: str = '') -> List[str]:
+    keys = []
+    for k, v in node.items():
+        keys += _all_keys(v, f'{prefix}{k}.') if isinstance(v, CN) else [prefix + k]
+    return keys
+
+
+def _merge(config: CN, data: dict, where: str, defaults: CN, prefix: str = ''):
+    """Merge a nested mapping into ``config``, each value brought to its default's type."""
+    for key, value in data.items():
+        full = f'{prefix}{key}'
+        if not isinstance(key, str) or key not in config:
+            if isinstance(key, str) and config.is_new_allowed():
+                config[key] = CN(value) if isinstance(value, dict) else value
+                continue
+            raise _unknown(full, where, _all_keys(defaults))
+        if isinstance(config[key], CN):
+            if not isinstance(value, dict):
+                raise UserError(f'{full} in {where} must be a mapping of keys; got {show(value)}')
+            _merge(config[key], value, where, defaults, full + '.')
+        else:
+            default = lookup(defaults, full)
+            config[key] = _coerce(full, value, config[key] if default is MISSING else default)
+
+
+def _parse_value(text: str):
+    """A command-line value as Python reads it (numbers, lists, True/False, None), else the text."""
+    try:
+        return literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def merge_opts(config: CN, opts: Sequence[str], defaults: CN):
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if isinstance(lookup(config, key), CN):
+            raise UserError(f'--opts {key} names a section, not a key; give one of its keys, such as '
+                            f'{key}.{next(iter(lookup(config, key)))}')
+        if lookup(config, key) is MISSING:
+            raise _unknown(key, '--opts', _all_keys(defaults))
+        if key == 'MODEL.TYPE' and value in _registered_names():
+            value = 'focalnet'
+        *parents, leaf = key.split('.')
+        # Text keys take the text as typed (a TAG of 007 stays '007').
+        tree = {leaf: value if isinstance(lookup(config, key), str) else _parse_value(value)}
+        for p in reversed(parents):
+            tree = {p: tree}
+        _merge(config, tree, '--opts', defaults)
+
+
+def set_key(config: CN, key: str, value):
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = _coerce(key, value, node[leaf])
+
+
+def _flatten(node, prefix: str = '') -> Dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(before: str, after: CN) -> List[Tuple[str, Any, Any]]:
+    """(key, value in ``before``, value in ``after``) for every key whose value differs; ``before`` is
+    a config as YAML text (what checkpoints store). Keys only one side has are listed with None on
+    the other."""
+    try:
+        old = _flatten(yaml.safe_load(before) or {})
+    except yaml.YAMLError:
+        return []
+    new = _flatten(after)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
