@@ -510,11 +510,14 @@ def parse_args(argv=None):
     p.add_argument('--json', type=Path, help='write the rows as JSON')
     p.add_argument('--markdown', type=Path, help='write the printed report as markdown')
     p.add_argument('--quick', action='store_true',
-                   help='a fast smoke run: 64 px, batch 2, one warm-up step, one round of one step')
+                   help='a fast smoke run: 64 px, batch 2, one warm-up step, one round of one step '
+                        '(with --pipeline: 48 photos, batch 8, one round)')
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 32 if args.pipeline else 128
     if args.pipeline:
+        if args.quick:  # a smoke run: 48 photos, batches of 8, one timed round
+            args.images, args.batch_size, args.rounds = 48, 8, 1
         return pipeline_args(args)
     if args.quick:
         args.img_size, args.batch_size, args.warmup, args.iters, args.rounds = 64, 2, 1, 1, 1
@@ -553,10 +556,14 @@ def run_pipeline(args, device) -> Tuple[List[dict], List[str]]:
     from errors import UserError
     from tools.pipeline_benchmark import run_pipeline as run
     try:
-        return run(args.data_path, args.workers, args.rounds, args.batch_size, args.images,
-                   args.gpu_rate, args.gpus, args.opts)
+        rows, lines = run(args.data_path, args.workers, args.rounds, args.batch_size, args.images,
+                          args.gpu_rate, args.gpus, args.opts)
     except (UserError, ValueError) as e:
         raise UsageError(str(e)) from None
+    env = environment(torch.device('cpu'))
+    env['device'] = f'CPU ({cpu_model()}), one thread per loader process'
+    return [dict(row, **env) for row in rows], \
+        [f'{env["device"]}; torch {env["torch_version"]}; commit {env["commit"]}'] + lines
 
 
 def main(argv=None) -> int:
