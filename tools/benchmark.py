@@ -480,6 +480,9 @@ def parse_args(argv=None):
                    help='with --pipeline: loader worker counts to time (default 1 2)')
     p.add_argument('--images', type=int, default=512,
                    help='with --pipeline: JPEGs to make from the bundled photos (default 512)')
+    p.add_argument('--photo-sides', type=int, nargs=2, default=[250, 500], metavar=('MIN', 'MAX'),
+                   help='with --pipeline: widths and heights of the JPEGs made from the bundled photos '
+                        '(default 250 500, ImageNet-like)')
     p.add_argument('--gpu-rate', type=float, default=3000,
                    help='with --pipeline: training images/s per GPU for the cores-needed column '
                         '(default 3000)')
@@ -547,6 +550,8 @@ def pipeline_args(args):
     bad = [n for n in args.workers if n < 0]
     if bad:
         raise UsageError(f'--workers must be 0 or more, got {bad[0]}')
+    if not 1 <= args.photo_sides[0] <= args.photo_sides[1]:
+        raise UsageError(f'--photo-sides needs 1 <= MIN <= MAX, got {args.photo_sides[0]} {args.photo_sides[1]}')
     if args.gpu_rate <= 0:
         raise UsageError(f'--gpu-rate must be positive, got {args.gpu_rate}')
     return args
@@ -557,7 +562,7 @@ def run_pipeline(args, device) -> Tuple[List[dict], List[str]]:
     from tools.pipeline_benchmark import run_pipeline as run
     try:
         rows, lines = run(args.data_path, args.workers, args.rounds, args.batch_size, args.images,
-                          args.gpu_rate, args.gpus, args.opts)
+                          args.gpu_rate, args.gpus, args.opts, sides=tuple(args.photo_sides))
     except (UserError, ValueError) as e:
         raise UsageError(str(e)) from None
     env = environment(torch.device('cpu'))

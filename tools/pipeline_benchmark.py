@@ -38,10 +38,10 @@ from data.transforms import build_train_transform, build_transform
 PHOTO_SIDES = (250, 500)
 
 
-def photo_folder(count: int) -> Path:
+def photo_folder(count: int, sides: Tuple[int, int] = PHOTO_SIDES) -> Path:
     """An ImageFolder of ``count`` JPEGs made from the bundled photos, in a temporary folder."""
     root = Path(tempfile.mkdtemp(prefix='pipeline_bench_'))
-    return write_photo_folder(root, count, seed=0, sizes=PHOTO_SIDES) / 'train'
+    return write_photo_folder(root, count, seed=0, sizes=sides) / 'train'
 
 
 def _loader(root: Path, transform, batch_size: int, workers: int) -> DataLoader:
@@ -80,15 +80,16 @@ def _time_epoch(loader: DataLoader, epoch: int) -> Tuple[int, float, float]:
 
 
 def run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, images: int,
-                 gpu_rate: float, gpus: int, opts: List[str], psnr_images: int = 100) -> Tuple[List[dict], List[str]]:
+                 gpu_rate: float, gpus: int, opts: List[str], psnr_images: int = 100,
+                 sides: Tuple[int, int] = PHOTO_SIDES) -> Tuple[List[dict], List[str]]:
     config = cfg.load_config(None, opts)
     if data_path:
         root = Path(data_path)
         root = root / 'train' if (root / 'train').is_dir() else root
         source = str(root)
     else:
-        root = photo_folder(images)
-        source = f'{images} JPEGs made from the bundled photos, sides {PHOTO_SIDES[0]}-{PHOTO_SIDES[1]} px'
+        root = photo_folder(images, sides)
+        source = f'{images} JPEGs made from the bundled photos, sides {sides[0]}-{sides[1]} px'
     transforms = {'timm': build_transform(True, config), 'ours': build_train_transform(config)}
     if transforms['ours'] is transforms['timm']:
         raise ValueError('the fast path does not apply to this configuration (see DATA.FAST_PIPELINE)')
