@@ -206,8 +206,8 @@ def test_reduced_decode_of_crops_reaching_the_corner_of_odd_sized_images():
 def test_decoder_choice_is_dispatched_on_what_the_header_says(monkeypatch):
     """Plain 8-bit colour JPEGs go to torchvision's decoder; without it (or without its filter), Pillow."""
     calls = []
-    monkeypatch.setattr(fast_module, '_torch_crop_resize', lambda *a: calls.append('torch') or Image.new('RGB', (224, 224)))
-    monkeypatch.setattr(fast_module, '_draft_crop_resize', lambda *a: calls.append('draft') or Image.new('RGB', (224, 224)))
+    for name, path in (('_torch_crop_resize', 'torch'), ('_draft_crop_resize', 'draft')):
+        monkeypatch.setattr(fast_module, name, lambda *a, path=path: calls.append(path) or Image.new('RGB', (224, 224)))
     fast = build_train_transform(RECIPE)
     data = _encode(_photo(1))
     _seeded(0, lambda: fast._crop_resize(data, 'x'))
@@ -248,3 +248,19 @@ def test_the_training_loader_uses_the_fast_path_by_default(photo_folder, one_thr
     off = build_loader(cfg.load_config(None, options + ['DATA.FAST_PIPELINE', 'False']))
     images, _ = next(iter(off.train))
     assert isinstance(images, torch.Tensor) and images.dtype == torch.float32
+
+
+def test_zipped_layout_gives_the_same_images_through_the_fast_path(tmp_path, one_thread):
+    import zipfile
+    from data import ZipImageDataset
+    files = {f'n0/{i}.JPEG': _encode(_photo(i)) for i in range(3)}
+    with zipfile.ZipFile(tmp_path / 'train.zip', 'w') as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    (tmp_path / 'train_map.txt').write_text(''.join(f'train.zip@/{name}\t0\n' for name in files))
+    dataset = ZipImageDataset(str(tmp_path / 'train.zip'), str(tmp_path / 'train_map.txt'),
+                              build_train_transform(RECIPE))
+    for i, data in enumerate(files.values()):
+        from_zip = _seeded(i, lambda: dataset[i][0])
+        direct = _seeded(i, lambda: build_train_transform(RECIPE)(data, 'x'))
+        assert torch.equal(from_zip.pixels, direct.pixels)
