@@ -237,7 +237,9 @@ def _draft_crop_resize(header: Image.Image, box, reduction: int, size, interpola
     left, top, crop_w, crop_h = box
     w, h = header.size
     try:
-        header.draft('RGB', (math.ceil(w / reduction), math.ceil(h / reduction)))
+        # Pillow picks the largest scale whose image is at least the size asked for: asking for
+        # floor(size / reduction) makes that exactly ``reduction`` (ceil could give half of it).
+        header.draft('RGB', (w // reduction, h // reduction))
         header.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise CorruptImageError(where, str(e) or type(e).__name__) from None

@@ -2,6 +2,7 @@
 the same random draws, the same pixels up to resampling, the same handling of odd and damaged files,
 and the loader and main.py using it by default."""
 import io
+import math
 import random
 
 import numpy as np
@@ -199,6 +200,9 @@ def test_reduced_decode_of_crops_reaching_the_corner_of_odd_sized_images():
                                              TF.InterpolationMode.BICUBIC, 'x')
         ref = photo.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC)
         assert reduction > 1 and out.size == (224, 224)
+        header = Image.open(io.BytesIO(data))
+        header.draft('RGB', (1601 // reduction, 1203 // reduction))
+        assert header.size == (math.ceil(1601 / reduction), math.ceil(1203 / reduction))  # the scale asked for
         mse = np.mean((np.asarray(out, dtype=float) - np.asarray(ref, dtype=float)) ** 2)
         assert 10 * np.log10(255 ** 2 / mse) >= 30  # against the photo itself, before JPEG coding
 
