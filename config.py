@@ -346,8 +346,9 @@ _FLAGS = {
 def get_config(args) -> CN:
     """The final config of a main.py run: ``load_config`` plus the named flags given in ``args``
     (a flag left out, None or False, keeps the config's value)."""
-    overrides = {key: getattr(args, attr) for attr, key in _FLAGS.items()
-                 if getattr(args, attr, None) not in (None, False)}
+    # ``is``, not ``in (None, False)``: 0 == False, and --batch-size 0 must reach the range check.
+    overrides = {key: value for attr, key in _FLAGS.items()
+                 if (value := getattr(args, attr, None)) is not None and value is not False}
     return load_config(args.cfg, args.opts or (), overrides)
 
 

@@ -8,44 +8,71 @@ masks.
 """
 import contextlib
 import io
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from data.files import not_regular
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
 from engine.seed import derive_seed, seed_worker
 from utils import get_rank, get_world_size
 
+from .annotations import load_coco
+
+logger = logging.getLogger('focalnet')
+
 
 class CocoImages(CocoDetection):
-    """CocoDetection that decodes each image eagerly and names a damaged or missing file."""
+    """CocoDetection over an already checked document (detection/annotations.py), decoding each image
+    eagerly and naming a damaged or missing file."""
+
+    def __init__(self, root: str, coco):
+        VisionDataset.__init__(self, root)
+        self.coco = coco
+        self.ids = sorted(coco.imgs.keys())
 
     def _load_image(self, id: int):
         return open_image(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
 
 
-def read_coco(root: str, split: str) -> CocoImages:
+def read_coco(root: str, split: str, masks: bool = True, drop_degenerate: bool = False) -> CocoImages:
+    """The split's images and checked annotations. ``drop_degenerate``: leave out the objects no
+    detector can learn from (training), counted in the log; evaluation keeps them, as COCOeval does."""
     images = os.path.join(root, split)
     annotations = os.path.join(root, 'annotations', f'instances_{split}.json')
     for path, what in ((root, 'COCO root'), (annotations, 'annotation file'), (images, 'image folder')):
         if not os.path.exists(path):
             raise DataError(f'{what} not found: {path} (expected the COCO layout: '
                             f'annotations/instances_{split}.json and {split}/)')
+        if what != 'annotation file' and not os.path.isdir(path):
+            raise DataError(f'{what} {path} is {not_regular(path) or "a file"}, not a folder')
+    checked = load_coco(annotations, masks)
+    document = checked.dataset
+    if not document['images']:
+        raise DataError(f'{annotations} lists no images: the {split} split is empty')
+    if checked.degenerate:
+        reasons = Counter(checked.degenerate.values())
+        what = 'left out of the training targets' if drop_degenerate else 'kept for the evaluation, as COCOeval scores them'
+        logger.warning(f'{annotations}: {len(checked.degenerate)} of {len(document["annotations"])} objects '
+                       f'cover no usable area ({", ".join(f"{n} {r}" for r, n in reasons.most_common())}); {what}')
+        if drop_degenerate:
+            document = dict(document, annotations=[a for a in document['annotations']
+                                                   if a['id'] not in checked.degenerate])
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = document
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while it indexes
-        try:
-            dataset = CocoImages(images, annotations)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f'{annotations} is not a COCO instances file: {type(e).__name__}: {e}') from None
-    if not dataset.coco.getCatIds():
-        raise DataError(f'{annotations} defines no categories')
-    return dataset
+        coco.createIndex()
+    return CocoImages(images, coco)
 
 
 class CocoTargets:
@@ -190,7 +217,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
     d, root = config.DATA, config.DATA.DATA_PATH
     if not root:
         raise DataError('no data: pass --data-path <COCO root>')
-    val_coco = read_coco(root, config.DETECTION.VAL_SPLIT)
+    val_coco = read_coco(root, config.DETECTION.VAL_SPLIT, with_masks)
     categories = sorted(val_coco.coco.getCatIds())
     category_to_label = {c: i + 1 for i, c in enumerate(categories)}
     names = [val_coco.coco.cats[c].get('name', str(c)) for c in categories]
@@ -209,7 +236,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
 
     train_loader = None
     if train:
-        train_coco = read_coco(root, config.DETECTION.TRAIN_SPLIT)
+        train_coco = read_coco(root, config.DETECTION.TRAIN_SPLIT, with_masks, drop_degenerate=True)
         if sorted(train_coco.coco.getCatIds()) != categories:
             raise DataError(f'the {config.DETECTION.TRAIN_SPLIT} and {config.DETECTION.VAL_SPLIT} '
                             f'annotations define different categories: '

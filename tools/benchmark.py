@@ -534,6 +534,15 @@ def parse_args(argv=None):
     for opt in ('batch_size', 'img_size', 'iters', 'rounds'):
         if getattr(args, opt) < 1:
             raise UsageError(f'--{opt.replace("_", "-")} must be at least 1, got {getattr(args, opt)}')
+    if not 32 <= args.img_size <= 4096:  # DATA.IMG_SIZE's range (config.py)
+        raise UsageError(f'--img-size must be from 32 to 4096, got {args.img_size}')
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise UsageError(f'--warmup must be 0 or more and --threads at least 1; got {args.warmup}, {args.threads}')
+    if not 0 <= args.drop_path < 1:  # False for NaN too
+        raise UsageError(f'--drop-path must be in [0, 1), got {args.drop_path}')
+    for flag in ('json', 'markdown'):  # written at the end: checked before the timing starts
+        if getattr(args, flag) is not None and getattr(args, flag).is_dir():
+            raise UsageError(f'--{flag} {getattr(args, flag)} is a folder; give a file name')
     if args.clock == 'cpu' and args.device.startswith('cuda'):
         raise UsageError('--clock cpu times CPU work; CUDA runs use the wall clock')
     if args.throughput and args.table != 'imagenet':
