@@ -94,7 +94,7 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys):
 
 
 def test_pipeline_times_timm_and_ours_on_photos_and_measures_psnr(tmp_path, capsys):
-    # docs/input_pipeline.md's smoke command, python tools/benchmark.py --pipeline --quick
+    # docs/classification.md's smoke command, python tools/benchmark.py --pipeline --quick
     rows = run(tmp_path, '--pipeline', '--quick')
     assert [r['workers'] for r in rows] == [1, 2]
     for r in rows:
