@@ -210,6 +210,11 @@ _C.DETECTION.CROP_SIZE = [384, 600]
 _C.DETECTION.BASE_BATCH = 16
 _C.DETECTION.WARMUP_ITERS = 500
 _C.DETECTION.LR_STEPS = [9, 11]
+# Training batches hold images of one orientation (landscape or not), as mmdetection's GroupSampler.
+_C.DETECTION.GROUP_ASPECT_RATIO = True
+# Weight decay as the official configs: 'official' spares only parameters named *norm* (biases and
+# layer scales are decayed); 'classification' spares every 1-D parameter, as optimizer.py does.
+_C.DETECTION.DECAY_GROUPS = 'official'
 # Test time: detections kept per image, and the score they need.
 _C.DETECTION.SCORE_THRESH = 0.05
 _C.DETECTION.DETECTIONS_PER_IMAGE = 100

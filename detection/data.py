@@ -27,6 +27,7 @@ from engine.seed import derive_seed, seed_worker
 from utils import get_rank, get_world_size
 
 from .annotations import load_coco
+from .recipe import AspectRatioBatchSampler, landscape_groups
 
 logger = logging.getLogger('focalnet')
 
@@ -201,7 +202,8 @@ class DetectionLoaders:
     def set_epoch(self, epoch: int):
         """Reshuffle for ``epoch`` and reseed the workers from (seed, epoch, rank)."""
         if self.train is not None:
-            self.train.sampler.set_epoch(epoch)
+            batches = self.train.batch_sampler
+            (batches if hasattr(batches, 'set_epoch') else self.train.sampler).set_epoch(epoch)
             self.train.generator.manual_seed(derive_seed(self.seed, epoch, get_rank()))
 
 
@@ -254,10 +256,16 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
                                  keys, skip_corrupt=d.SKIP_CORRUPT, refill=True)
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
                                      seed=config.SEED)
+        if config.DETECTION.GROUP_ASPECT_RATIO:
+            # One orientation per batch, as mmdetection's GroupSampler (detection/recipe.py).
+            batching = dict(batch_sampler=AspectRatioBatchSampler(
+                sampler, landscape_groups(train_coco.coco, train_set.image_ids), d.BATCH_SIZE))
+        else:
+            batching = dict(batch_size=d.BATCH_SIZE, sampler=sampler, drop_last=True)
         # Workers start afresh every epoch so their random streams follow the generator that
         # set_epoch reseeds: a resumed run repeats them.
         train_loader = SkipReportingLoader(DataLoader(
-            train_set, batch_size=d.BATCH_SIZE, sampler=sampler, num_workers=_workers(config),
-            pin_memory=pin, drop_last=True, worker_init_fn=seed_worker, generator=torch.Generator(),
+            train_set, **batching, num_workers=_workers(config),
+            pin_memory=pin, worker_init_fn=seed_worker, generator=torch.Generator(),
             persistent_workers=False, collate_fn=collate), d.SKIP_CORRUPT)
     return DetectionLoaders(train_loader, val_loader, val_coco.coco, categories, names, config.SEED)

@@ -36,9 +36,11 @@ from models.pretrained import extract_state_dict, read_state_file
 from optimizer import build_optimizer
 from utils import get_rank, get_world_size, init_distributed, is_distributed
 
+from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
 from .evaluation import evaluate
 from .model import METHODS, build_detector, dense_backbone, has_masks
+from .recipe import decay_groups
 from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -86,6 +88,8 @@ def check_detection_config(config):
     if steps != sorted(steps) or any(not 0 < s < config.TRAIN.EPOCHS for s in steps):
         raise UserError(f'DETECTION.LR_STEPS must be increasing epochs between 1 and TRAIN.EPOCHS - 1 '
                         f'({config.TRAIN.EPOCHS - 1}); got {steps}')
+    if d.DECAY_GROUPS not in ('official', 'classification'):
+        raise UserError(f'DETECTION.DECAY_GROUPS must be official or classification; got {d.DECAY_GROUPS!r}')
     if config.TRAIN.EMA.ENABLED:
         raise UserError('TRAIN.EMA.ENABLED: python -m detection keeps no weight EMA; set it False')
     if d.METHOD == 'fcos' and d.FPN_CHANNELS % 32:
@@ -103,11 +107,15 @@ def lr_scale(config, world_size: int) -> float:
     return config.DATA.BATCH_SIZE * world_size * accumulation / config.DETECTION.BASE_BATCH
 
 
-def load_backbone_weights(model: nn.Module, path: str):
+def load_backbone_weights(model: nn.Module, path: str, category_names=None):
     """ImageNet classification weights, or the backbone of an official detection checkpoint
-    (recognised by its ``backbone.*`` keys), into the detector's FocalNet; the report is logged."""
+    (recognised by its ``backbone.*`` keys), into the detector's FocalNet; a whole released Mask
+    R-CNN / Faster R-CNN (its RPN and RoI heads too) into the whole detector. The report is logged."""
     body = dense_backbone(model)
     state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if is_released_detector(state):
+        logger.info(describe(load_released_detector(model, path, category_names)))
+        return
     if any(k.startswith('backbone.') for k in state):
         report = load_dense_checkpoint(body, state)
         dropped = ', '.join(f'{n} {k}' for k, n in report['dropped'].items()) or 'nothing'
@@ -209,8 +217,9 @@ def _check_categories(state: dict, loaders, path: str):
 def run(args) -> int:
     config = get_config(args)
     check_detection_config(config)
-    if config.EVAL_MODE and not config.MODEL.RESUME:
-        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>')
+    if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint> (or --pretrained '
+                        '<released mmdetection checkpoint>)')
     device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
     rank = get_rank()
     out = output_dir(config)
@@ -236,12 +245,21 @@ def run(args) -> int:
     metrics_path = os.path.join(out, 'metrics.jsonl')
 
     if config.EVAL_MODE:
-        state = load_checkpoint(config.MODEL.RESUME, model=model)
-        _check_categories(state, loaders, config.MODEL.RESUME)
+        source = config.MODEL.RESUME or config.MODEL.PRETRAINED
+        released = is_released_file(source)
+        if released:
+            logger.info(describe(load_released_detector(model, source, loaders.category_names)))
+        elif not config.MODEL.RESUME:
+            raise UserError(f'--eval --pretrained {source}: not a released Mask R-CNN / Faster R-CNN '
+                            f'checkpoint (no RPN and RoI heads); evaluate a whole detector')
+        else:
+            state = load_checkpoint(config.MODEL.RESUME, model=model)
+            _check_categories(state, loaders, config.MODEL.RESUME)
         metrics = run_evaluation(config, model, loaders, device, autocast)
         report_skipped((loaders.val,), 'evaluation', out)
         if rank == 0:
-            append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': config.MODEL.RESUME,
+            append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'model': config.MODEL.NAME,
+                                          'released': released,
                                           **{k: metrics.get(k) for k in RECORDED if k in metrics},
                                           'images': metrics['images']})
         return 0
@@ -258,13 +276,16 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
                 logger.warning(f'auto-resume: using {found} instead of {resume}')
             resume = found
     if config.MODEL.PRETRAINED and not resume:
-        load_backbone_weights(model, config.MODEL.PRETRAINED)
+        load_backbone_weights(model, config.MODEL.PRETRAINED, loaders.category_names)
     if is_distributed():
         body = dense_backbone(model)
         match_grad_layout(body, lambda m: sum(o.float().sum() for o in m(
             torch.zeros(2, 3, 64, 64, device=device))).backward())
     scale = lr_scale(config, get_world_size())
-    optimizer = build_optimizer(config, model, scale)
+    groups = None
+    if config.DETECTION.DECAY_GROUPS == 'official':
+        groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY)
+    optimizer = build_optimizer(config, model, scale, groups)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     scheduler = build_detection_scheduler(config, optimizer, math.ceil(len(loaders.train) / accumulation), scale)
     scaler = make_scaler(device, dtype)
