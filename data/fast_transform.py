@@ -16,7 +16,9 @@ instead and:
     * anything else (PNG, greyscale, CMYK, EXIF-rotated, 16-bit, ...): exactly as the reference
       path does (data.robust.decode_image, then Pillow's crop and resize), so these images come
       out identical to it;
-- applies the reference's own flip and RandAugment objects to the 8-bit image;
+- applies the reference's own flip and RandAugment objects to the 8-bit image; when training on a
+  GPU, RandAugment's trailing geometric op (rotate, shear, translate) is only drawn in the worker
+  and applied on the device, exactly as Pillow would (data.device_geometry);
 - returns the 8-bit image and the random-erasing boxes drawn for it (:class:`RawImage`), not a
   normalised float tensor. The batch (:class:`RawBatch`, four times smaller) is normalised and
   erased in ``RawBatch.to(device)``, on the training device, as timm's prefetcher does.
@@ -38,11 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
+from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation, ToNumpy
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from .device_geometry import Affine, Staged, StagedRandAugment, pillow_affine
 from .images import _orientation
 from .robust import CorruptImageError, decode_image
 
@@ -82,24 +86,28 @@ class Finish:
 @dataclass
 class RawImage:
     """An augmented 8-bit image (H x W x 3, uint8), its erasures (None: not erased) and what is left
-    to do to it."""
+    to do to it: maybe a geometric op (data.device_geometry), then normalisation and erasing."""
     pixels: torch.Tensor
     erasures: Optional[Erasures]
     finish: Finish
+    affine: Optional[Affine] = None
 
 
 class RawBatch:
     """A collated batch of :class:`RawImage`; ``.to(device)`` finishes it there (a float tensor,
     N x 3 x H x W, normalised and erased exactly as the reference's ToTensor, Normalize and
-    RandomErasing do). Behaves like the tensor the training loop expected from the loader."""
+    RandomErasing do, after any geometric op the worker left). Behaves like the tensor the training
+    loop expected from the loader."""
 
-    def __init__(self, pixels: torch.Tensor, erasures: Sequence[Optional[Erasures]], finish: Finish):
+    def __init__(self, pixels: torch.Tensor, erasures: Sequence[Optional[Erasures]], finish: Finish,
+                 affines: Optional[Sequence[Optional[Affine]]] = None):
         self.pixels, self.erasures, self.finish = pixels, list(erasures), finish
+        self.affines = list(affines) if affines is not None else [None] * len(pixels)
 
     @classmethod
     def collate(cls, images: Sequence[RawImage]) -> 'RawBatch':
         return cls(torch.stack([img.pixels for img in images]), [img.erasures for img in images],
-                   images[0].finish)
+                   images[0].finish, [img.affine for img in images])
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -110,11 +118,17 @@ class RawBatch:
         return torch.Size((n, c, h, w))
 
     def pin_memory(self) -> 'RawBatch':  # called by the DataLoader's pinning thread
-        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish)
+        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish, self.affines)
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
-        pixels = self.pixels.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).contiguous()
+        pixels = self.pixels.to(device, non_blocking=non_blocking)
+        if any(a is not None for a in self.affines):
+            pixels = pixels.clone() if pixels.data_ptr() == self.pixels.data_ptr() else pixels
+            for i, affine in enumerate(self.affines):
+                if affine is not None:
+                    pixels[i] = pillow_affine(pixels[i], affine)
+        pixels = pixels.permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
         mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.finish.std, device=device).view(1, -1, 1, 1)
@@ -178,8 +192,13 @@ class FastTrainTransform:
     takes_encoded = True  # data.robust.SkipCorruptMixin hands it the file's bytes
 
     def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence, finish: Finish,
-                 erasing: Optional[RandomErasing], use_decode_jpeg: bool = True, use_draft: bool = True):
-        self.crop, self.pil_steps, self.finish, self.erasing = crop, list(pil_steps), finish, erasing
+                 erasing: Optional[RandomErasing], use_decode_jpeg: bool = True, use_draft: bool = True,
+                 device_geometry: bool = False):
+        self.crop, self.finish, self.erasing = crop, finish, erasing
+        self.pil_steps = list(pil_steps)
+        # RandAugment last: its trailing geometric op can wait for the device (a copy of it does).
+        if device_geometry and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
+            self.pil_steps[-1] = StagedRandAugment(self.pil_steps[-1])
         self.use_decode_jpeg = use_decode_jpeg and decode_jpeg is not None
         self.use_draft = use_draft
 
@@ -187,10 +206,13 @@ class FastTrainTransform:
         img = self._crop_resize(data, where)
         for step in self.pil_steps:  # the reference's flip and RandAugment objects
             img = step(img)
+        affine = None
+        if isinstance(img, Staged):
+            img, affine = img.image, img.affine
         pixels = torch.from_numpy(np.array(img))  # H x W x 3, writable
         out_h, out_w = pixels.shape[:2]
         erasures = draw_erasures(self.erasing, 3, out_h, out_w) if self.erasing is not None else None
-        return RawImage(pixels, erasures, self.finish)
+        return RawImage(pixels, erasures, self.finish, affine)
 
     def _crop_resize(self, data: bytes, where: str) -> Image.Image:
         header = _open_header(data, where)
@@ -273,10 +295,11 @@ def _torch_crop_resize(data: bytes, box, size, interpolation, where) -> Image.Im
     return Image.fromarray(resized[0].permute(1, 2, 0).numpy())
 
 
-def fast_train_transform(reference: T.Compose) -> Optional[FastTrainTransform]:
+def fast_train_transform(reference: T.Compose, device_geometry: bool = False) -> Optional[FastTrainTransform]:
     """The fast equivalent of timm's training transform ``reference``, or None when it is not of the
     shape handled here: random resized crop, PIL steps (flip, RandAugment, colour jitter, ...),
-    ToTensor, Normalize, then optionally RandomErasing."""
+    ToTensor, Normalize, then optionally RandomErasing. ``device_geometry``: leave RandAugment's
+    trailing geometric op to ``RawBatch.to(device)`` (worth it when that device is a GPU)."""
     steps = list(reference.transforms)
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
         return None
@@ -295,4 +318,4 @@ def fast_train_transform(reference: T.Compose) -> Optional[FastTrainTransform]:
     mean = tuple(float(v) for v in torch.as_tensor(normalize.mean).flatten())
     std = tuple(float(v) for v in torch.as_tensor(normalize.std).flatten())
     finish = Finish(mean, std, erasing.mode if erasing is not None else 'const')
-    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing)
+    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing, device_geometry=device_geometry)
