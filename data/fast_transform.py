@@ -17,8 +17,9 @@ instead and:
       path does (data.robust.decode_image, then Pillow's crop and resize), so these images come
       out identical to it;
 - applies the reference's own flip and RandAugment objects to the 8-bit image; when training on a
-  GPU, RandAugment's trailing geometric op (rotate, shear, translate) is only drawn in the worker
-  and applied on the device, exactly as Pillow would (data.device_geometry);
+  GPU, RandAugment's trailing ops other than the enhance ops (rotate, shear, translate, the
+  lookup-table and histogram ops) are only drawn in the worker and applied on the device, as Pillow
+  computes them (data.device_augment);
 - returns the 8-bit image and the random-erasing boxes drawn for it (:class:`RawImage`), not a
   normalised float tensor. The batch (:class:`RawBatch`, four times smaller) is normalised and
   erased in ``RawBatch.to(device)``, on the training device, as timm's prefetcher does.
@@ -33,7 +34,7 @@ import io
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,7 +47,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, ToNumpy
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .device_geometry import Affine, Staged, StagedRandAugment, pillow_affine
+from .device_augment import DeviceOp, Staged, StagedRandAugment, apply_on_device
 from .images import _orientation
 from .robust import CorruptImageError, decode_image
 
@@ -86,28 +87,28 @@ class Finish:
 @dataclass
 class RawImage:
     """An augmented 8-bit image (H x W x 3, uint8), its erasures (None: not erased) and what is left
-    to do to it: maybe a geometric op (data.device_geometry), then normalisation and erasing."""
+    to do to it: RandAugment ops left for the device (data.device_augment), normalisation, erasing."""
     pixels: torch.Tensor
     erasures: Optional[Erasures]
     finish: Finish
-    affine: Optional[Affine] = None
+    ops: List[DeviceOp] = field(default_factory=list)
 
 
 class RawBatch:
     """A collated batch of :class:`RawImage`; ``.to(device)`` finishes it there (a float tensor,
     N x 3 x H x W, normalised and erased exactly as the reference's ToTensor, Normalize and
-    RandomErasing do, after any geometric op the worker left). Behaves like the tensor the training
-    loop expected from the loader."""
+    RandomErasing do, after the RandAugment ops the worker left). Behaves like the tensor the
+    training loop expected from the loader."""
 
     def __init__(self, pixels: torch.Tensor, erasures: Sequence[Optional[Erasures]], finish: Finish,
-                 affines: Optional[Sequence[Optional[Affine]]] = None):
+                 ops: Optional[Sequence[List[DeviceOp]]] = None):
         self.pixels, self.erasures, self.finish = pixels, list(erasures), finish
-        self.affines = list(affines) if affines is not None else [None] * len(pixels)
+        self.ops = list(ops) if ops is not None else [[] for _ in range(len(pixels))]
 
     @classmethod
     def collate(cls, images: Sequence[RawImage]) -> 'RawBatch':
         return cls(torch.stack([img.pixels for img in images]), [img.erasures for img in images],
-                   images[0].finish, [img.affine for img in images])
+                   images[0].finish, [img.ops for img in images])
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -118,16 +119,16 @@ class RawBatch:
         return torch.Size((n, c, h, w))
 
     def pin_memory(self) -> 'RawBatch':  # called by the DataLoader's pinning thread
-        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish, self.affines)
+        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish, self.ops)
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
         pixels = self.pixels.to(device, non_blocking=non_blocking)
-        if any(a is not None for a in self.affines):
+        if any(self.ops):
             pixels = pixels.clone() if pixels.data_ptr() == self.pixels.data_ptr() else pixels
-            for i, affine in enumerate(self.affines):
-                if affine is not None:
-                    pixels[i] = pillow_affine(pixels[i], affine)
+            for i, ops in enumerate(self.ops):
+                if ops:
+                    pixels[i] = apply_on_device(pixels[i], ops)
         pixels = pixels.permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
         mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)
@@ -193,11 +194,11 @@ class FastTrainTransform:
 
     def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence, finish: Finish,
                  erasing: Optional[RandomErasing], use_decode_jpeg: bool = True, use_draft: bool = True,
-                 device_geometry: bool = False):
+                 device_augment: bool = False):
         self.crop, self.finish, self.erasing = crop, finish, erasing
         self.pil_steps = list(pil_steps)
-        # RandAugment last: its trailing geometric op can wait for the device (a copy of it does).
-        if device_geometry and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
+        # RandAugment last: its trailing ops can wait for the device (a copy of it does).
+        if device_augment and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
             self.pil_steps[-1] = StagedRandAugment(self.pil_steps[-1])
         self.use_decode_jpeg = use_decode_jpeg and decode_jpeg is not None
         self.use_draft = use_draft
@@ -206,13 +207,13 @@ class FastTrainTransform:
         img = self._crop_resize(data, where)
         for step in self.pil_steps:  # the reference's flip and RandAugment objects
             img = step(img)
-        affine = None
+        ops = []
         if isinstance(img, Staged):
-            img, affine = img.image, img.affine
+            img, ops = img.image, [op for op, _ in img.pending]
         pixels = torch.from_numpy(np.array(img))  # H x W x 3, writable
         out_h, out_w = pixels.shape[:2]
         erasures = draw_erasures(self.erasing, 3, out_h, out_w) if self.erasing is not None else None
-        return RawImage(pixels, erasures, self.finish, affine)
+        return RawImage(pixels, erasures, self.finish, ops)
 
     def _crop_resize(self, data: bytes, where: str) -> Image.Image:
         header = _open_header(data, where)
@@ -295,11 +296,12 @@ def _torch_crop_resize(data: bytes, box, size, interpolation, where) -> Image.Im
     return Image.fromarray(resized[0].permute(1, 2, 0).numpy())
 
 
-def fast_train_transform(reference: T.Compose, device_geometry: bool = False) -> Optional[FastTrainTransform]:
+def fast_train_transform(reference: T.Compose, device_augment: bool = False) -> Optional[FastTrainTransform]:
     """The fast equivalent of timm's training transform ``reference``, or None when it is not of the
     shape handled here: random resized crop, PIL steps (flip, RandAugment, colour jitter, ...),
-    ToTensor, Normalize, then optionally RandomErasing. ``device_geometry``: leave RandAugment's
-    trailing geometric op to ``RawBatch.to(device)`` (worth it when that device is a GPU)."""
+    ToTensor, Normalize, then optionally RandomErasing. ``device_augment``: leave RandAugment's
+    trailing geometric and lookup-table ops to ``RawBatch.to(device)`` (worth it when that device is
+    a GPU)."""
     steps = list(reference.transforms)
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
         return None
@@ -318,4 +320,4 @@ def fast_train_transform(reference: T.Compose, device_geometry: bool = False) ->
     mean = tuple(float(v) for v in torch.as_tensor(normalize.mean).flatten())
     std = tuple(float(v) for v in torch.as_tensor(normalize.std).flatten())
     finish = Finish(mean, std, erasing.mode if erasing is not None else 'const')
-    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing, device_geometry=device_geometry)
+    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing, device_augment=device_augment)

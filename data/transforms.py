@@ -114,17 +114,17 @@ def _interpolation(name: str) -> T.InterpolationMode:
     return T.InterpolationMode.BILINEAR if name == 'random' else T.InterpolationMode(name)
 
 
-def build_train_transform(config, device_geometry: Optional[bool] = None):
+def build_train_transform(config, device_augment: Optional[bool] = None):
     """The training transform: data.fast_transform's when DATA.FAST_PIPELINE and the recipe has the
     shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise.
-    ``device_geometry``: leave RandAugment's trailing geometric op to the training device
-    (data.device_geometry); by default when training runs on a GPU, where it costs next to nothing."""
+    ``device_augment``: leave RandAugment's trailing geometric and lookup-table ops to the training
+    device (data.device_augment); by default when a GPU is there to train on."""
     reference = build_transform(True, config)
-    if device_geometry is None:
-        device_geometry = torch.cuda.is_available()
+    if device_augment is None:
+        device_augment = torch.cuda.is_available()
     # The synthetic data set makes PIL images, not files.
     if config.DATA.FAST_PIPELINE and config.DATA.IMG_SIZE > SMALL_IMAGE and config.DATA.DATASET != 'fake':
-        fast = fast_train_transform(reference, device_geometry=device_geometry)
+        fast = fast_train_transform(reference, device_augment=device_augment)
         if fast is not None:
             return fast
     return reference

@@ -10,7 +10,7 @@ the wall-clock rate per worker is reported beside it. The fast path's batches le
 images; their normalisation and random erasing run on the training device when they are moved there
 (as timm's prefetcher does), so they are not in its loader time; their cost on this CPU is reported
 beside it. 'ours' is the fast path as a GPU node runs it: RandAugment's trailing geometric op is also
-left to the device (data.device_geometry); 'ours, CPU training' is the fast path as it runs when the
+left to the device (data.device_augment); 'ours, CPU training' is the fast path as it runs when the
 model trains on the CPU, with every RandAugment op done in the loader.
 """
 import io
@@ -104,8 +104,8 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
         root = photo_folder(images, sides)
         source = f'{images} JPEGs made from the bundled photos, sides {sides[0]}-{sides[1]} px'
     transforms = {'timm': build_transform(True, config),
-                  'ours': build_train_transform(config, device_geometry=True),
-                  'ours_cpu_training': build_train_transform(config, device_geometry=False)}
+                  'ours': build_train_transform(config, device_augment=True),
+                  'ours_cpu_training': build_train_transform(config, device_augment=False)}
     if not isinstance(transforms['ours'], FastTrainTransform):
         raise ValueError('the fast path does not apply to this configuration (see DATA.FAST_PIPELINE)')
     rows, lines = [], [f'data: {source}', f'load average at start: {os.getloadavg()[0]:.1f} '
@@ -167,7 +167,7 @@ def psnr_against_timm(files: List[Path], opts: List[str]) -> List[float]:
     """PSNR (8-bit levels) of our training image against timm's for each file, the same seed for
     both, so the same crop, flip, RandAugment ops and erased boxes (with the same noise)."""
     config = cfg.load_config(None, opts)
-    reference, fast = build_transform(True, config), build_train_transform(config, device_geometry=True)
+    reference, fast = build_transform(True, config), build_train_transform(config, device_augment=True)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
     values = []
     for seed, path in enumerate(files):

@@ -1,0 +1,268 @@
+"""RandAugment's trailing ops, moved from the loader worker to the training device.
+
+Pillow's affine transform with a bicubic filter (RandAugment's Rotate, ShearX/Y and TranslateX/Y)
+costs about 2 ms per 224 x 224 image on one core, as much as decoding and resizing the file together,
+and with the release recipe (two ops of fifteen, each applied with probability 1/2) a third of the
+training images need one; the histogram and lookup-table ops cost 0.1 to 0.3 ms each. Once no op
+left to do in the worker depends on an op's pixels, the worker only draws its parameters (every
+random number, in the reference's order) and records it; ``RawBatch.to(device)`` applies the
+recorded ops there, before normalising, computing what Pillow computes (the same pixels,
+tests/test_fast_transform.py): :func:`pillow_affine` for the geometric ops, lookup tables for
+Invert, Posterize, Solarize, SolarizeAdd, AutoContrast and Equalize.
+
+The enhance ops (Color, Contrast, Brightness, Sharpness) stay in the worker, with Pillow; one of them
+applies the recorded ops before it, there, with Pillow (:class:`Staged`).
+"""
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from PIL import Image
+from timm.data import auto_augment
+# timm's geometric ops and the Pillow AFFINE matrix each one applies, from its argument and the
+# image size (the matrix maps output pixel centres to source positions, as Image.transform's data).
+_MATRICES = {
+    'ShearX': lambda v, w, h: (1, v, 0, 0, 1, 0),
+    'ShearY': lambda v, w, h: (1, 0, 0, v, 1, 0),
+    'TranslateX': lambda v, w, h: (1, 0, v, 0, 1, 0),
+    'TranslateY': lambda v, w, h: (1, 0, 0, 0, 1, v),
+    'TranslateXRel': lambda v, w, h: (1, 0, v * w, 0, 1, 0),
+    'TranslateYRel': lambda v, w, h: (1, 0, 0, 0, 1, v * h),
+    'Rotate': lambda v, w, h: _rotation(v, w, h),
+}
+
+
+@dataclass
+class Affine:
+    """A pending Pillow ``Image.transform(size, AFFINE, matrix, resample, fillcolor=fill)``."""
+    matrix: Tuple[float, ...]
+    bicubic: bool  # else bilinear
+    fill: Tuple[int, ...]
+
+
+def _rotation(degrees: float, w: int, h: int) -> Optional[Tuple[float, ...]]:
+    """Pillow's matrix for ``Image.rotate(degrees)`` about the centre, or None for the angles Pillow
+    does by transposing instead (0, 90, 180, 270), which stay in the worker."""
+    angle = degrees % 360.0
+    if angle in (0, 90, 180, 270):
+        return None
+    angle = -math.radians(angle)
+    a, b = round(math.cos(angle), 15), round(math.sin(angle), 15)
+    d, e = round(-math.sin(angle), 15), round(math.cos(angle), 15)
+    cx, cy = w / 2, h / 2
+    return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
+
+
+@dataclass
+class DeviceOp:
+    """One RandAugment op left for the device: timm's op name, the arguments its ``aug_fn`` got
+    (the filter already drawn) and, for the geometric ops, the Pillow transform."""
+    name: str
+    args: Tuple = ()
+    affine: Optional[Affine] = None
+
+
+@dataclass
+class Staged:
+    """An 8-bit PIL image and the ops still to be applied to it, in order, each with the Pillow
+    function that applies it in the worker."""
+    image: Image.Image
+    pending: List[Tuple[DeviceOp, Callable[[Image.Image], Image.Image]]] = field(default_factory=list)
+
+    def materialise(self) -> Image.Image:
+        """The image with its pending ops applied here, with Pillow."""
+        for _, apply in self.pending:
+            self.image = apply(self.image)
+        self.pending = []
+        return self.image
+
+    def add(self, op: DeviceOp, apply) -> 'Staged':
+        return Staged(self.image, self.pending + [(op, apply)])
+
+
+def _release_posterize():
+    from .transforms import release_posterize  # here: data.transforms imports this module's users
+    return release_posterize
+
+
+def _lut_op_applies(name: str, aug_fn) -> bool:
+    """Whether ``aug_fn`` is the Pillow function the device version of ``name`` reproduces."""
+    if name in _POSTERIZE:
+        return aug_fn is _release_posterize()
+    return aug_fn is auto_augment.NAME_TO_OP.get(name)
+
+
+def _in_worker(aug_fn):
+    """``aug_fn`` for a Staged image: the pending ops first, then ``aug_fn`` as timm calls it."""
+    def op(staged: Staged, *args, **kwargs) -> Staged:
+        return Staged(aug_fn(staged.materialise(), *args, **kwargs))
+    return op
+
+
+def _on_device(name: str, aug_fn):
+    """A lookup-table op for a Staged image: recorded, to be applied on the device."""
+    def op(staged: Staged, *args, **kwargs) -> Staged:
+        if staged.image.mode != 'RGB':
+            return Staged(aug_fn(staged.materialise(), *args, **kwargs))
+        return staged.add(DeviceOp(name, tuple(args)), lambda img: aug_fn(img, *args, **kwargs))
+    return op
+
+
+def _geometric_on_device(name: str, aug_fn):
+    """A geometric op for a Staged image: recorded where the device can apply it as Pillow does
+    (RGB, bicubic or bilinear; not the right-angle rotations Pillow does by transposing)."""
+    def op(staged: Staged, value: float, **kwargs) -> Staged:
+        # timm's own draw of the filter (random.choice when it is a list), in its place.
+        resample = auto_augment._interpolation(dict(kwargs))
+        kwargs = {**kwargs, 'resample': resample}
+        matrix = _MATRICES[name](value, *staged.image.size)
+        fill = kwargs.get('fillcolor')
+        if (matrix is None or staged.image.mode != 'RGB' or not isinstance(fill, tuple) or len(fill) != 3
+                or resample not in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR)):
+            return Staged(aug_fn(staged.materialise(), value, **kwargs))  # as timm does
+        affine = Affine(tuple(float(m) for m in matrix), resample == Image.Resampling.BICUBIC,
+                        tuple(int(f) for f in fill))
+        return staged.add(DeviceOp(name, (value,), affine), lambda img: aug_fn(img, value, **kwargs))
+    return op
+
+
+class StagedRandAugment:
+    """timm's RandAugment ``reference`` (a copy; the original is unchanged), returning a
+    :class:`Staged` image whose trailing device ops are left for the device. Random numbers are
+    drawn exactly as the reference draws them."""
+
+    def __init__(self, reference: auto_augment.RandAugment):
+        self.randaugment = copy.deepcopy(reference)
+        for op in self.randaugment.ops:
+            if op.name in _MATRICES:
+                op.aug_fn = _geometric_on_device(op.name, op.aug_fn)
+            elif op.name in _LUTS and _lut_op_applies(op.name, op.aug_fn):
+                op.aug_fn = _on_device(op.name, op.aug_fn)
+            else:
+                op.aug_fn = _in_worker(op.aug_fn)
+
+    def __call__(self, img: Image.Image) -> Staged:
+        return self.randaugment(Staged(img))
+
+    def __repr__(self):
+        return f'{type(self).__name__}({self.randaugment!r})'
+
+
+def apply_on_device(pixels: torch.Tensor, ops: List[DeviceOp]) -> torch.Tensor:
+    """``ops`` applied in order to an H x W x 3 uint8 image, on its device."""
+    for op in ops:
+        pixels = pillow_affine(pixels, op.affine) if op.affine is not None else _LUTS[op.name](pixels, *op.args)
+    return pixels
+
+
+def pillow_affine(pixels: torch.Tensor, affine: Affine) -> torch.Tensor:
+    """``affine`` applied to an H x W x C uint8 image on any device, as Pillow's Image.transform
+    computes it (libImaging/Geometry.c): each output pixel centre (x + 0.5, y + 0.5) maps to a
+    source position; outside the image it takes the fill colour; inside, the 4 x 4 (bicubic, the
+    cubic with a = -1) or 2 x 2 (bilinear) source pixels around it, indices clamped to the edge, are
+    interpolated along rows and then down the column, in double precision and in Pillow's order,
+    then clamped to 0..255 and truncated."""
+    h, w, c = pixels.shape
+    device = pixels.device
+    a0, a1, a2, a3, a4, a5 = affine.matrix
+    ys = torch.arange(h, device=device, dtype=torch.float64).add_(0.5).view(h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.float64).add_(0.5).view(1, w)
+    xin = a0 * xs + a1 * ys + a2
+    yin = a3 * xs + a4 * ys + a5
+    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+    xin, yin = xin - 0.5, yin - 0.5
+    x0, y0 = xin.floor(), yin.floor()
+    dx, dy = (xin - x0).unsqueeze(-1), (yin - y0).unsqueeze(-1)
+    taps, first = (4, -1) if affine.bicubic else (2, 0)
+    cols = [(x0 + (first + i)).clamp_(0, w - 1).long() for i in range(taps)]
+    rows = [(y0 + (first + j)).clamp_(0, h - 1).long() * w for j in range(taps)]
+    source = pixels.reshape(h * w, c).to(torch.float64)
+    interpolate = _cubic if affine.bicubic else _linear
+    values = interpolate([interpolate([source[row + col] for col in cols], dx) for row in rows], dy)
+    values = values.clamp_(0, 255).floor_().to(torch.uint8)
+    fill = torch.tensor(affine.fill, dtype=torch.uint8, device=device)
+    return torch.where(inside.unsqueeze(-1), values, fill)
+
+
+def _cubic(v, d):
+    # Pillow's BICUBIC macro: the cubic through v[1], v[2] with a = -1, evaluated as it does.
+    p2 = v[2] - v[0]
+    p3 = 2 * (v[0] - v[1]) + v[2] - v[3]
+    p4 = -v[0] + v[1] - v[2] + v[3]
+    return v[1] + d * (p2 + d * (p3 + d * p4))
+
+
+def _linear(v, d):
+    return v[0] + (v[1] - v[0]) * d
+
+
+# Lookup-table ops, as Pillow's ImageOps (and data.transforms.release_posterize) compute their tables.
+def _apply_lut(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``lut`` (256 values, or one row of 256 per channel) applied to an H x W x C uint8 image."""
+    lut = lut.to(torch.uint8)
+    if lut.dim() == 1:
+        return lut[pixels.long()]
+    channels = torch.arange(pixels.shape[-1], device=pixels.device) * 256
+    return lut.reshape(-1)[pixels.long() + channels]
+
+
+def _invert(pixels, *_):
+    return 255 - pixels
+
+
+def _posterize(pixels, bits, *_):
+    if bits >= 8:
+        return pixels
+    return pixels & (0xFF ^ ((1 << (8 - max(int(bits), 0))) - 1))
+
+
+def _solarize(pixels, threshold, *_):
+    levels = torch.arange(256, device=pixels.device)
+    return _apply_lut(pixels, torch.where(levels < threshold, levels, 255 - levels))
+
+
+def _solarize_add(pixels, add, threshold=128, *_):
+    levels = torch.arange(256, device=pixels.device)
+    return _apply_lut(pixels, torch.where(levels < threshold, (levels + add).clamp(max=255), levels))
+
+
+def _histograms(pixels: torch.Tensor) -> torch.Tensor:
+    channels = pixels.shape[-1]
+    index = pixels.reshape(-1, channels).long() + torch.arange(channels, device=pixels.device) * 256
+    return torch.bincount(index.reshape(-1), minlength=256 * channels).view(channels, 256)
+
+
+def _autocontrast(pixels, *_):
+    # ImageOps.autocontrast(img): per channel, levels lo..hi stretched to 0..255 (int() truncates).
+    hist = _histograms(pixels)
+    levels = torch.arange(256, device=pixels.device, dtype=torch.float64)
+    present = hist > 0
+    lo = present.to(torch.uint8).argmax(1).to(torch.float64)
+    hi = 255 - present.flip(1).to(torch.uint8).argmax(1).to(torch.float64)
+    # A true division (255.0 / tensor would multiply by a rounded reciprocal: a level off at times).
+    scale = torch.full_like(lo, 255.0).div_((hi - lo).clamp(min=1))
+    lut = (levels * scale[:, None] + (-lo * scale)[:, None]).trunc().clamp(0, 255)
+    lut = torch.where((hi > lo)[:, None], lut, levels)
+    return _apply_lut(pixels, lut)
+
+
+def _equalize(pixels, *_):
+    # ImageOps.equalize(img): per channel, step = (pixels - count of the last level present) // 255;
+    # level i maps to (step // 2 + pixels below i) // step; channels with one level, or step 0, stay.
+    hist = _histograms(pixels)
+    present = hist > 0
+    last = 255 - present.flip(1).to(torch.uint8).argmax(1)
+    step = (hist.sum(1) - hist.gather(1, last[:, None])[:, 0]) // 255
+    below = torch.cumsum(hist, 1) - hist
+    lut = (step[:, None] // 2 + below) // step.clamp(min=1)[:, None]
+    keep = (present.sum(1) <= 1) | (step == 0)
+    levels = torch.arange(256, device=pixels.device)
+    return _apply_lut(pixels, torch.where(keep[:, None], levels, lut.clamp(0, 255)))
+
+
+_POSTERIZE = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
+_LUTS = {'Invert': _invert, 'Solarize': _solarize, 'SolarizeIncreasing': _solarize,
+         'SolarizeAdd': _solarize_add, 'AutoContrast': _autocontrast, 'Equalize': _equalize,
+         **{name: _posterize for name in _POSTERIZE}}
