@@ -104,13 +104,14 @@ class Recorder:
         return events
 
 
-def test_same_draws_crop_flip_ops_and_erasing_as_the_reference(monkeypatch, one_thread):
+@pytest.mark.parametrize('device_augment', [False, True], ids=['ops_in_worker', 'ops_on_device'])
+def test_same_draws_crop_flip_ops_and_erasing_as_the_reference(device_augment, monkeypatch, one_thread):
     recorder = Recorder(monkeypatch)
     ops = flips = erased = 0
     for seed in range(40):
         data = _encode(_photo(seed), quality=90)
         reference = build_transform(True, RECIPE)
-        fast = build_train_transform(RECIPE)
+        fast = build_train_transform(RECIPE, device_augment=device_augment)
         ref = _seeded(seed, lambda: reference(decode_image(io.BytesIO(data), 'x')))
         ref_events = recorder.take()
         raw = _seeded(seed, lambda: fast(data, 'x'))

@@ -1,0 +1,131 @@
+"""RandAugment ops left to the training device (data/device_augment.py): each computes Pillow's pixels
+on real photos, and the fast path that leaves them there gives the same images, from the same draws,
+as the one that applies them in the loader worker."""
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment
+
+import config as cfg
+from data import build_train_transform
+from data import device_augment as dev
+from data.fast_transform import RawBatch
+from data.robust import RobustImageFolder, collate_with_problems
+from data.sampler import ResumableSampler, SeededSamples
+from data.transforms import release_posterize
+from photos import random_crop, sample_photos
+
+RECIPE = cfg.load_config(None, [])
+FILL = (124, 116, 104)  # the recipe's fill colour, ImageNet's mean
+
+
+def _photo(seed: int, sizes=(150, 300)) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return random_crop(rng, sample_photos()[seed % 2][1], sizes)
+
+
+def _pixels(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(img))
+
+
+@pytest.mark.parametrize('name,value', [('ShearX', 0.27), ('ShearY', -0.21), ('TranslateXRel', 0.41),
+                                        ('TranslateYRel', -0.377), ('TranslateX', 33.3), ('TranslateY', -7.5),
+                                        ('Rotate', 27.3), ('Rotate', -13.1), ('Rotate', 400.0)])
+@pytest.mark.parametrize('resample', [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
+def test_geometric_ops_give_pillows_pixels(name, value, resample, one_thread):
+    for seed, size in ((0, (224, 224)), (1, (160, 200))):
+        img = _photo(seed).resize(size, Image.Resampling.BICUBIC)
+        reference = auto_augment.NAME_TO_OP[name](img, value, fillcolor=FILL, resample=resample)
+        affine = dev.Affine(dev._MATRICES[name](value, *img.size), resample == Image.Resampling.BICUBIC, FILL)
+        assert torch.equal(dev.pillow_affine(_pixels(img), affine), _pixels(reference))
+
+
+def test_right_angle_rotations_stay_with_pillow():
+    assert all(dev._rotation(a, 224, 224) is None for a in (0.0, 90.0, -90.0, 180.0, 360.0))
+    assert dev._rotation(0.5, 224, 224) is not None
+
+
+def _lookup_table_cases():
+    grey_levels = Image.fromarray(np.array([[10, 10, 200]] * 3, dtype=np.uint8)).convert('RGB')
+    flat = Image.new('RGB', (17, 9), (90, 90, 90))
+    images = [_photo(s) for s in range(4)] + [grey_levels, flat]
+    ops = [('AutoContrast', ImageOps.autocontrast, ()), ('Equalize', ImageOps.equalize, ()),
+           ('Invert', ImageOps.invert, ())]
+    ops += [('SolarizeIncreasing', ImageOps.solarize, (t,)) for t in (0, 77, 128, 256)]
+    ops += [('SolarizeAdd', auto_augment.solarize_add, (a,)) for a in (0, 50, 110)]
+    ops += [('PosterizeIncreasing', release_posterize, (b,)) for b in (-1, 0, 2, 4, 8)]
+    return [(name, fn, args, img) for name, fn, args in ops for img in images]
+
+
+def test_lookup_table_ops_give_pillows_pixels():
+    for name, fn, args, img in _lookup_table_cases():
+        ours = dev.apply_on_device(_pixels(img), [dev.DeviceOp(name, args)])
+        assert torch.equal(ours, _pixels(fn(img, *args))), (name, args, img.size)
+
+
+def _seeded(seed: int, fn):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return fn()
+
+
+def _encode(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, 'JPEG', quality=90)
+    return out.getvalue()
+
+
+def test_ops_left_to_the_device_give_the_same_images_from_the_same_draws(monkeypatch, one_thread):
+    in_worker = build_train_transform(RECIPE, device_augment=False)
+    on_device = build_train_transform(RECIPE, device_augment=True)
+    applied_in_worker = []  # ops recorded for the device, then needed by a later op in the worker
+    materialise = dev.Staged.materialise
+
+    def spy(staged):
+        applied_in_worker.extend(op.name for op, _ in staged.pending)
+        return materialise(staged)
+    monkeypatch.setattr(dev.Staged, 'materialise', spy)
+    left = []
+    for seed in range(60):
+        data = _encode(_photo(seed, (250, 500)))
+        a = _seeded(seed, lambda: in_worker(data, 'x'))
+        state_a = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+        b = _seeded(seed, lambda: on_device(data, 'x'))
+        state_b = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+        assert a.ops == [] and state_a[0] == state_b[0] and state_a[1] == state_b[1]
+        assert torch.equal(state_a[2], state_b[2])
+        left.extend(op.name for op in b.ops)
+        assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
+    geometric = [n for n in left if n in dev._MATRICES]
+    assert len(geometric) >= 5 and len(left) - len(geometric) >= 5  # both kinds were left to the device
+    assert applied_in_worker  # and some were applied in the worker, before an enhance op
+
+
+def test_ops_left_to_the_device_cross_loader_worker_processes(photo_folder, one_thread):
+    root = photo_folder(24) / 'train'
+    batches = {}
+    for on_device in (False, True):
+        dataset = RobustImageFolder(str(root), build_train_transform(RECIPE, device_augment=on_device))
+        sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=3)
+        loader = torch.utils.data.DataLoader(SeededSamples(dataset), batch_size=8, sampler=sampler, num_workers=2,
+                                             collate_fn=collate_with_problems)
+        batches[on_device] = [(b, b.to('cpu')) for b, _, _ in loader]
+    assert sum(len(ops) > 0 for b, _ in batches[True] for ops in b.ops) >= 4
+    for (_, a), (_, b) in zip(batches[False], batches[True]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (benchmarks/gpu_check.sh runs it)')
+def test_ops_on_a_gpu_give_the_cpus_pixels():
+    for name, fn, args, img in _lookup_table_cases():
+        op = [dev.DeviceOp(name, args)]
+        assert torch.equal(dev.apply_on_device(_pixels(img).cuda(), op).cpu(), dev.apply_on_device(_pixels(img), op))
+    img = _photo(0).resize((224, 224))
+    for name in dev._MATRICES:
+        affine = dev.Affine(dev._MATRICES[name](0.3 if 'Rotate' not in name else 21.0, 224, 224), True, FILL)
+        assert torch.equal(dev.pillow_affine(_pixels(img).cuda(), affine).cpu(), dev.pillow_affine(_pixels(img), affine))
