@@ -47,6 +47,10 @@ _C.DATA.FAKE_SIZE = 1024
 # draws, with a cheaper decode and resize, and normalisation and erasing on the training device.
 # False: timm's transform, as the releases ran it. Evaluation is the same either way.
 _C.DATA.FAST_PIPELINE = True
+# With FAST_PIPELINE, on a GPU: plain JPEGs are decoded there, in batches, with nvJPEG
+# (torchvision.io.decode_jpeg(device='cuda')), when no op in the loader worker needs their pixels;
+# the workers then only read headers and draw. Off by default: see docs/pipeline.md.
+_C.DATA.GPU_DECODE = False
 
 # ---------------------------------------------------------------------------------------------------
 # Model

@@ -55,6 +55,9 @@ def _rotation(degrees: float, w: int, h: int) -> Optional[Tuple[float, ...]]:
     return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
 
 
+FLIP = 'FlipLeftRight'  # the random horizontal flip, left for the device with DATA.GPU_DECODE
+
+
 @dataclass
 class DeviceOp:
     """One RandAugment op left for the device: timm's op name, the arguments its ``aug_fn`` got
@@ -72,7 +75,10 @@ class Staged:
     pending: List[Tuple[DeviceOp, Callable[[Image.Image], Image.Image]]] = field(default_factory=list)
 
     def materialise(self) -> Image.Image:
-        """The image with its pending ops applied here, with Pillow."""
+        """The image with its pending ops applied here, with Pillow (a file left for the device to
+        decode, data.fast_transform.EncodedJpeg, is decoded here first)."""
+        if not isinstance(self.image, Image.Image):
+            self.image = self.image.decode()
         for _, apply in self.pending:
             self.image = apply(self.image)
         self.pending = []
@@ -143,17 +149,35 @@ class StagedRandAugment:
             else:
                 op.aug_fn = _in_worker(op.aug_fn)
 
-    def __call__(self, img: Image.Image) -> Staged:
-        return self.randaugment(Staged(img))
+    def __call__(self, img) -> Staged:
+        return self.randaugment(img if isinstance(img, Staged) else Staged(img))
 
     def __repr__(self):
         return f'{type(self).__name__}({self.randaugment!r})'
 
 
+class StagedFlip:
+    """torchvision's RandomHorizontalFlip(p) (the same draw), the flip left for the device."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img) -> Staged:
+        staged = img if isinstance(img, Staged) else Staged(img)
+        if torch.rand(1) < self.p:
+            return staged.add(DeviceOp(FLIP), lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        return staged
+
+
 def apply_on_device(pixels: torch.Tensor, ops: List[DeviceOp]) -> torch.Tensor:
     """``ops`` applied in order to an H x W x 3 uint8 image, on its device."""
     for op in ops:
-        pixels = pillow_affine(pixels, op.affine) if op.affine is not None else _LUTS[op.name](pixels, *op.args)
+        if op.affine is not None:
+            pixels = pillow_affine(pixels, op.affine)
+        elif op.name == FLIP:
+            pixels = pixels.flip(1)
+        else:
+            pixels = _LUTS[op.name](pixels, *op.args)
     return pixels
 
 

@@ -122,9 +122,12 @@ def build_train_transform(config, device_augment: Optional[bool] = None):
     reference = build_transform(True, config)
     if device_augment is None:
         device_augment = torch.cuda.is_available()
+    gpu_decode = config.DATA.GPU_DECODE
+    if gpu_decode and not torch.cuda.is_available():
+        raise UserError('DATA.GPU_DECODE True needs a CUDA GPU to decode on; this machine has none')
     # The synthetic data set makes PIL images, not files.
     if config.DATA.FAST_PIPELINE and config.DATA.IMG_SIZE > SMALL_IMAGE and config.DATA.DATASET != 'fake':
-        fast = fast_train_transform(reference, device_augment=device_augment)
+        fast = fast_train_transform(reference, device_augment=device_augment, gpu_decode=gpu_decode)
         if fast is not None:
             return fast
     return reference

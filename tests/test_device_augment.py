@@ -1,6 +1,7 @@
 """RandAugment ops left to the training device (data/device_augment.py): each computes Pillow's pixels
 on real photos, and the fast path that leaves them there gives the same images, from the same draws,
-as the one that applies them in the loader worker."""
+as the one that applies them in the loader worker; likewise for JPEG decoding left to the device
+(DATA.GPU_DECODE), checked here with the CPU as the device."""
 import io
 import random
 
@@ -109,15 +110,18 @@ def test_ops_left_to_the_device_give_the_same_images_from_the_same_draws(monkeyp
 def test_ops_left_to_the_device_cross_loader_worker_processes(photo_folder, one_thread):
     root = photo_folder(24) / 'train'
     batches = {}
-    for on_device in (False, True):
-        dataset = RobustImageFolder(str(root), build_train_transform(RECIPE, device_augment=on_device))
+    for on_device in (False, True, 'decode'):
+        transform = _gpu_decode_transform() if on_device == 'decode' else \
+            build_train_transform(RECIPE, device_augment=on_device)
+        dataset = RobustImageFolder(str(root), transform)
         sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=3)
         loader = torch.utils.data.DataLoader(SeededSamples(dataset), batch_size=8, sampler=sampler, num_workers=2,
                                              collate_fn=collate_with_problems)
         batches[on_device] = [(b, b.to('cpu')) for b, _, _ in loader]
     assert sum(len(ops) > 0 for b, _ in batches[True] for ops in b.ops) >= 4
-    for (_, a), (_, b) in zip(batches[False], batches[True]):
-        assert torch.equal(a, b)
+    assert sum(e is not None for b, _ in batches['decode'] for e in b.encoded) >= 4
+    for (_, a), (_, b), (_, c) in zip(batches[False], batches[True], batches['decode']):
+        assert torch.equal(a, b) and torch.equal(a, c)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA (benchmarks/gpu_check.sh runs it)')
@@ -129,3 +133,56 @@ def test_ops_on_a_gpu_give_the_cpus_pixels():
     for name in dev._MATRICES:
         affine = dev.Affine(dev._MATRICES[name](0.3 if 'Rotate' not in name else 21.0, 224, 224), True, FILL)
         assert torch.equal(dev.pillow_affine(_pixels(img).cuda(), affine).cpu(), dev.pillow_affine(_pixels(img), affine))
+
+
+def _gpu_decode_transform():
+    """The fast path as DATA.GPU_DECODE builds it, whose device here is the CPU."""
+    from data.fast_transform import fast_train_transform
+    from data.transforms import build_transform
+    return fast_train_transform(build_transform(True, RECIPE), gpu_decode=True)
+
+
+def test_decoding_left_to_the_device_gives_the_worker_paths_images(one_thread):
+    """The GPU decode path with the CPU as its device (libjpeg-turbo on both sides): the same images
+    and draws as the path that decodes in the worker; the flip and RandAugment wait with it."""
+    in_worker = build_train_transform(RECIPE, device_augment=False)
+    on_device = _gpu_decode_transform()
+    assert on_device.gpu_decode
+    left_encoded = 0
+    for seed in range(40):
+        data = _encode(_photo(seed, (250, 500)))
+        a = _seeded(seed, lambda: in_worker(data, 'x'))
+        state_a = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+        b = _seeded(seed, lambda: on_device(data, 'x'))
+        state_b = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+        assert state_a[0] == state_b[0] and state_a[1] == state_b[1] and torch.equal(state_a[2], state_b[2])
+        left_encoded += b.encoded is not None
+        assert (b.pixels is None) == (b.encoded is not None)
+        assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
+    assert 10 <= left_encoded < 40  # most files wait for the device; an enhance op decodes in the worker
+
+
+def test_files_the_device_cannot_decode_are_decoded_in_the_worker_or_named(one_thread):
+    on_device = _gpu_decode_transform()
+    photo = _photo(4, (250, 400))
+    png, cmyk = io.BytesIO(), io.BytesIO()
+    photo.save(png, 'PNG')
+    photo.convert('CMYK').save(cmyk, 'JPEG')
+    for data in (png.getvalue(), cmyk.getvalue()):
+        assert _seeded(0, lambda: on_device(data, 'x')).encoded is None
+    data = _encode(photo)
+    truncated = data[:len(data) // 3]
+    seed = next(s for s in range(50) if _seeded(s, lambda: on_device(truncated, 'bad.jpg')).encoded is not None)
+    raw = _seeded(seed, lambda: on_device(truncated, 'bad.jpg'))
+    good = _seeded(seed, lambda: on_device(data, 'good.jpg'))
+    from data.robust import CorruptImageError
+    with pytest.raises(CorruptImageError, match='bad.jpg'):
+        RawBatch.collate([good, raw]).to('cpu')
+
+
+def test_gpu_decode_without_a_gpu_is_a_one_line_error():
+    from errors import UserError
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(UserError, match='DATA.GPU_DECODE'):
+        build_train_transform(cfg.load_config(None, ['DATA.GPU_DECODE', 'True']))
