@@ -152,7 +152,7 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
                      f'median {v["median"]:.1f}, mean {v["mean_capped_99"]:.1f} (identical images as 99)')
     lines.append(f'(ours leaves normalisation and random erasing to the training device: '
                  f'{rows[-1]["finish_ms_per_image_cpu"]:.3f} ms per image when that device is this CPU; on a GPU '
-                 f'node, also RandAugment\'s trailing geometric op: benchmarks/gpu_check.sh times that)')
+                 f'node, also RandAugment\'s trailing ops: benchmarks/gpu_check.sh times that)')
     return rows, lines
 
 
