@@ -16,7 +16,7 @@ applies the recorded ops before it, there, with Pillow (:class:`Staged`).
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -169,6 +169,22 @@ class StagedFlip:
         return staged
 
 
+def apply_to_batch(pixels: torch.Tensor, ops: Sequence[List[DeviceOp]]) -> torch.Tensor:
+    """``ops[i]`` applied in order to image i of an N x H x W x 3 uint8 batch, in place, on its
+    device: the k-th ops of all images in turn, the geometric ones of a turn in one batched call
+    (a few dozen kernels for the batch instead of for each image)."""
+    for k in range(max((len(o) for o in ops), default=0)):
+        turn = [(i, o[k]) for i, o in enumerate(ops) if len(o) > k]
+        geometric = [(i, op) for i, op in turn if op.affine is not None]
+        if geometric:
+            index = torch.tensor([i for i, _ in geometric], device=pixels.device)
+            pixels[index] = pillow_affine_batch(pixels[index], [op.affine for _, op in geometric])
+        for i, op in turn:
+            if op.affine is None:
+                pixels[i] = apply_on_device(pixels[i], [op])
+    return pixels
+
+
 def apply_on_device(pixels: torch.Tensor, ops: List[DeviceOp]) -> torch.Tensor:
     """``ops`` applied in order to an H x W x 3 uint8 image, on its device."""
     for op in ops:
@@ -183,30 +199,46 @@ def apply_on_device(pixels: torch.Tensor, ops: List[DeviceOp]) -> torch.Tensor:
 
 def pillow_affine(pixels: torch.Tensor, affine: Affine) -> torch.Tensor:
     """``affine`` applied to an H x W x C uint8 image on any device, as Pillow's Image.transform
-    computes it (libImaging/Geometry.c): each output pixel centre (x + 0.5, y + 0.5) maps to a
-    source position; outside the image it takes the fill colour; inside, the 4 x 4 (bicubic, the
-    cubic with a = -1) or 2 x 2 (bilinear) source pixels around it, indices clamped to the edge, are
-    interpolated along rows and then down the column, in double precision and in Pillow's order,
-    then clamped to 0..255 and truncated."""
-    h, w, c = pixels.shape
+    computes it; see :func:`pillow_affine_batch`."""
+    return pillow_affine_batch(pixels[None], [affine])[0]
+
+
+def pillow_affine_batch(pixels: torch.Tensor, affines: Sequence[Affine]) -> torch.Tensor:
+    """Each of ``affines`` applied to its image of an N x H x W x C uint8 batch on any device, as
+    Pillow's Image.transform computes it (libImaging/Geometry.c): each output pixel centre
+    (x + 0.5, y + 0.5) maps to a source position; outside the image it takes the fill colour;
+    inside, the 4 x 4 (bicubic, the cubic with a = -1) or 2 x 2 (bilinear) source pixels around it,
+    indices clamped to the edge, are interpolated along rows and then down the column, in double
+    precision and in Pillow's order, then clamped to 0..255 and truncated. One set of kernels for
+    the batch; bicubic and bilinear images are done as two groups."""
+    n, h, w, c = pixels.shape
+    if len({a.bicubic for a in affines}) > 1:
+        out = torch.empty_like(pixels)
+        for bicubic in (True, False):
+            chosen = [i for i, a in enumerate(affines) if a.bicubic == bicubic]
+            index = torch.tensor(chosen, device=pixels.device)
+            out[index] = pillow_affine_batch(pixels[index], [affines[i] for i in chosen])
+        return out
     device = pixels.device
-    a0, a1, a2, a3, a4, a5 = affine.matrix
-    ys = torch.arange(h, device=device, dtype=torch.float64).add_(0.5).view(h, 1)
-    xs = torch.arange(w, device=device, dtype=torch.float64).add_(0.5).view(1, w)
-    xin = a0 * xs + a1 * ys + a2
-    yin = a3 * xs + a4 * ys + a5
+    bicubic = affines[0].bicubic
+    m = torch.tensor([a.matrix for a in affines], dtype=torch.float64, device=device).view(n, 6, 1, 1).unbind(1)
+    ys = torch.arange(h, device=device, dtype=torch.float64).add_(0.5).view(1, h, 1)
+    xs = torch.arange(w, device=device, dtype=torch.float64).add_(0.5).view(1, 1, w)
+    xin = m[0] * xs + m[1] * ys + m[2]
+    yin = m[3] * xs + m[4] * ys + m[5]
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
     xin, yin = xin - 0.5, yin - 0.5
     x0, y0 = xin.floor(), yin.floor()
     dx, dy = (xin - x0).unsqueeze(-1), (yin - y0).unsqueeze(-1)
-    taps, first = (4, -1) if affine.bicubic else (2, 0)
+    taps, first = (4, -1) if bicubic else (2, 0)
+    image = (torch.arange(n, device=device) * (h * w)).view(n, 1, 1)
     cols = [(x0 + (first + i)).clamp_(0, w - 1).long() for i in range(taps)]
-    rows = [(y0 + (first + j)).clamp_(0, h - 1).long() * w for j in range(taps)]
-    source = pixels.reshape(h * w, c).to(torch.float64)
-    interpolate = _cubic if affine.bicubic else _linear
+    rows = [(y0 + (first + j)).clamp_(0, h - 1).long() * w + image for j in range(taps)]
+    source = pixels.reshape(n * h * w, c).to(torch.float64)
+    interpolate = _cubic if bicubic else _linear
     values = interpolate([interpolate([source[row + col] for col in cols], dx) for row in rows], dy)
     values = values.clamp_(0, 255).floor_().to(torch.uint8)
-    fill = torch.tensor(affine.fill, dtype=torch.uint8, device=device)
+    fill = torch.tensor([a.fill for a in affines], dtype=torch.uint8, device=device).view(n, 1, 1, c)
     return torch.where(inside.unsqueeze(-1), values, fill)
 
 

@@ -47,7 +47,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, ToNumpy
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .device_augment import DeviceOp, Staged, StagedFlip, StagedRandAugment, apply_on_device
+from .device_augment import DeviceOp, Staged, StagedFlip, StagedRandAugment, apply_to_batch
 from .images import _orientation
 from .robust import CorruptImageError, decode_image
 
@@ -136,9 +136,7 @@ class RawBatch:
             todo = [i for i, e in enumerate(self.encoded) if e is not None]
             for i, image in zip(todo, decode_on_device([self.encoded[i] for i in todo], device)):
                 pixels[i] = image
-            for i, ops in enumerate(self.ops):
-                if ops:
-                    pixels[i] = apply_on_device(pixels[i], ops)
+            apply_to_batch(pixels, self.ops)
         pixels = pixels.permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
         mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)

@@ -186,3 +186,15 @@ def test_gpu_decode_without_a_gpu_is_a_one_line_error():
         pytest.skip('this machine has a GPU')
     with pytest.raises(UserError, match='DATA.GPU_DECODE'):
         build_train_transform(cfg.load_config(None, ['DATA.GPU_DECODE', 'True']))
+
+
+def test_a_batch_of_geometric_ops_with_both_filters_gives_pillows_pixels(one_thread):
+    images = [_photo(s).resize((96, 80), Image.Resampling.BICUBIC) for s in range(4)]
+    cases = [('Rotate', 17.0, Image.Resampling.BICUBIC), ('ShearX', -0.2, Image.Resampling.BILINEAR),
+             ('TranslateYRel', 0.3, Image.Resampling.BILINEAR), ('ShearY', 0.25, Image.Resampling.BICUBIC)]
+    fills = [FILL, (0, 0, 0), (255, 10, 3), FILL]
+    affines = [dev.Affine(dev._MATRICES[name](v, 96, 80), r == Image.Resampling.BICUBIC, f)
+               for (name, v, r), f in zip(cases, fills)]
+    batch = dev.pillow_affine_batch(torch.stack([_pixels(img) for img in images]), affines)
+    for img, (name, value, resample), fill, ours in zip(images, cases, fills, batch):
+        assert torch.equal(ours, _pixels(auto_augment.NAME_TO_OP[name](img, value, fillcolor=fill, resample=resample)))
