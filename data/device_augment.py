@@ -100,38 +100,59 @@ def _lut_op_applies(name: str, aug_fn) -> bool:
     return aug_fn is auto_augment.NAME_TO_OP.get(name)
 
 
-def _in_worker(aug_fn):
+# The wrappers below are classes, not closures, so that the transform pickles (loader workers started
+# with 'spawn' receive it pickled).
+class _InWorker:
     """``aug_fn`` for a Staged image: the pending ops first, then ``aug_fn`` as timm calls it."""
-    def op(staged: Staged, *args, **kwargs) -> Staged:
-        return Staged(aug_fn(staged.materialise(), *args, **kwargs))
-    return op
+
+    def __init__(self, aug_fn):
+        self.aug_fn = aug_fn
+
+    def __call__(self, staged: Staged, *args, **kwargs) -> Staged:
+        return Staged(self.aug_fn(staged.materialise(), *args, **kwargs))
 
 
-def _on_device(name: str, aug_fn):
+class _Apply:
+    """``aug_fn(img, *args, **kwargs)``: a recorded op as the worker applies it, with Pillow."""
+
+    def __init__(self, aug_fn, args, kwargs):
+        self.aug_fn, self.args, self.kwargs = aug_fn, args, kwargs
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return self.aug_fn(img, *self.args, **self.kwargs)
+
+
+class _OnDevice:
     """A lookup-table op for a Staged image: recorded, to be applied on the device."""
-    def op(staged: Staged, *args, **kwargs) -> Staged:
+
+    def __init__(self, name: str, aug_fn):
+        self.name, self.aug_fn = name, aug_fn
+
+    def __call__(self, staged: Staged, *args, **kwargs) -> Staged:
         if staged.image.mode != 'RGB':
-            return Staged(aug_fn(staged.materialise(), *args, **kwargs))
-        return staged.add(DeviceOp(name, tuple(args)), lambda img: aug_fn(img, *args, **kwargs))
-    return op
+            return Staged(self.aug_fn(staged.materialise(), *args, **kwargs))
+        return staged.add(DeviceOp(self.name, tuple(args)), _Apply(self.aug_fn, args, kwargs))
 
 
-def _geometric_on_device(name: str, aug_fn):
+class _GeometricOnDevice:
     """A geometric op for a Staged image: recorded where the device can apply it as Pillow does
     (RGB, bicubic or bilinear; not the right-angle rotations Pillow does by transposing)."""
-    def op(staged: Staged, value: float, **kwargs) -> Staged:
+
+    def __init__(self, name: str, aug_fn):
+        self.name, self.aug_fn = name, aug_fn
+
+    def __call__(self, staged: Staged, value: float, **kwargs) -> Staged:
         # timm's own draw of the filter (random.choice when it is a list), in its place.
         resample = auto_augment._interpolation(dict(kwargs))
         kwargs = {**kwargs, 'resample': resample}
-        matrix = _MATRICES[name](value, *staged.image.size)
+        matrix = _MATRICES[self.name](value, *staged.image.size)
         fill = kwargs.get('fillcolor')
         if (matrix is None or staged.image.mode != 'RGB' or not isinstance(fill, tuple) or len(fill) != 3
                 or resample not in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR)):
-            return Staged(aug_fn(staged.materialise(), value, **kwargs))  # as timm does
+            return Staged(self.aug_fn(staged.materialise(), value, **kwargs))  # as timm does
         affine = Affine(tuple(float(m) for m in matrix), resample == Image.Resampling.BICUBIC,
                         tuple(int(f) for f in fill))
-        return staged.add(DeviceOp(name, (value,), affine), lambda img: aug_fn(img, value, **kwargs))
-    return op
+        return staged.add(DeviceOp(self.name, (value,), affine), _Apply(self.aug_fn, (value,), kwargs))
 
 
 class StagedRandAugment:
@@ -143,17 +164,21 @@ class StagedRandAugment:
         self.randaugment = copy.deepcopy(reference)
         for op in self.randaugment.ops:
             if op.name in _MATRICES:
-                op.aug_fn = _geometric_on_device(op.name, op.aug_fn)
+                op.aug_fn = _GeometricOnDevice(op.name, op.aug_fn)
             elif op.name in _LUTS and _lut_op_applies(op.name, op.aug_fn):
-                op.aug_fn = _on_device(op.name, op.aug_fn)
+                op.aug_fn = _OnDevice(op.name, op.aug_fn)
             else:
-                op.aug_fn = _in_worker(op.aug_fn)
+                op.aug_fn = _InWorker(op.aug_fn)
 
     def __call__(self, img) -> Staged:
         return self.randaugment(img if isinstance(img, Staged) else Staged(img))
 
     def __repr__(self):
         return f'{type(self).__name__}({self.randaugment!r})'
+
+
+def _flip_left_right(img: Image.Image) -> Image.Image:
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
 
 class StagedFlip:
@@ -165,7 +190,7 @@ class StagedFlip:
     def __call__(self, img) -> Staged:
         staged = img if isinstance(img, Staged) else Staged(img)
         if torch.rand(1) < self.p:
-            return staged.add(DeviceOp(FLIP), lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+            return staged.add(DeviceOp(FLIP), _flip_left_right)
         return staged
 
 

@@ -198,3 +198,14 @@ def test_a_batch_of_geometric_ops_with_both_filters_gives_pillows_pixels(one_thr
     batch = dev.pillow_affine_batch(torch.stack([_pixels(img) for img in images]), affines)
     for img, (name, value, resample), fill, ours in zip(images, cases, fills, batch):
         assert torch.equal(ours, _pixels(auto_augment.NAME_TO_OP[name](img, value, fillcolor=fill, resample=resample)))
+
+
+def test_the_transforms_pickle_for_spawned_loader_workers():
+    import pickle
+    from data.fast_transform import FastTrainTransform
+    for transform in (build_train_transform(RECIPE, device_augment=True), _gpu_decode_transform()):
+        copy = pickle.loads(pickle.dumps(transform))
+        assert isinstance(copy, FastTrainTransform)
+        data = _encode(_photo(5, (250, 500)))
+        a, b = _seeded(2, lambda: transform(data, 'x')), _seeded(2, lambda: copy(data, 'x'))
+        assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
