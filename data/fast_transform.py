@@ -208,12 +208,15 @@ class FastTrainTransform:
         # RandAugment last: its trailing ops can wait for the device (a copy of it does).
         if (device_augment or gpu_decode) and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
             self.pil_steps[-1] = StagedRandAugment(self.pil_steps[-1])
-        # Decoding on the device: every step must be able to wait for the device too (the flip and
-        # RandAugment); with any other step the worker decodes.
+        # When every step can wait for the device (the flip and RandAugment, as in the release recipe),
+        # the flip waits too and the image stays a tensor unless an op in the worker needs a PIL image;
+        # decoding on the device needs that as well (with any other step the worker decodes).
         staged = [StagedFlip(s.p) if isinstance(s, T.RandomHorizontalFlip) else s for s in self.pil_steps]
-        self.gpu_decode = gpu_decode and all(isinstance(s, (StagedFlip, StagedRandAugment)) for s in staged)
-        if self.gpu_decode:
+        self.all_staged = (device_augment or gpu_decode) and \
+            all(isinstance(s, (StagedFlip, StagedRandAugment)) for s in staged)
+        if self.all_staged:
             self.pil_steps = staged
+        self.gpu_decode = gpu_decode and self.all_staged
         self.use_decode_jpeg = use_decode_jpeg and decode_jpeg is not None
         self.use_draft = use_draft
 
@@ -227,6 +230,9 @@ class FastTrainTransform:
         encoded = None
         if isinstance(img, EncodedJpeg):  # nothing in the worker needed its pixels
             encoded, pixels, (out_w, out_h) = img, None, img.size[::-1]
+        elif isinstance(img, DecodedPixels):  # nor a PIL image
+            pixels = img.pixels
+            out_h, out_w = pixels.shape[:2]
         else:
             pixels = torch.from_numpy(np.array(img))  # H x W x 3, writable
             out_h, out_w = pixels.shape[:2]
@@ -253,7 +259,12 @@ class FastTrainTransform:
         if plain_jpeg and self.use_decode_jpeg and interpolation in _TORCH_FILTERS:
             encoded = EncodedJpeg(_byte_tensor(data), (left, top, crop_w, crop_h), (out_h, out_w), interpolation, where)
             # With DATA.GPU_DECODE the device decodes it, unless an op in the worker needs its pixels.
-            return encoded if self.gpu_decode else encoded.decode()
+            if self.gpu_decode:
+                return encoded
+            if not self.all_staged:
+                return encoded.decode()
+            pixels = encoded.decode_pixels()
+            return DecodedPixels(pixels) if isinstance(pixels, torch.Tensor) else pixels
         # The reference path itself (timm's crop calls this function).
         img = decode_image(io.BytesIO(data), where)
         return TF.resized_crop(img, top, left, crop_h, crop_w, [out_h, out_w], interpolation)
@@ -322,6 +333,12 @@ class EncodedJpeg:
 
     def decode(self) -> Image.Image:
         """Decoded with libjpeg-turbo (torchvision) here, the crop resized with torch."""
+        pixels = self.decode_pixels()
+        return pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels.numpy())
+
+    def decode_pixels(self):
+        """As ``decode``, as an H x W x 3 uint8 tensor (a PIL image if the file was not what its
+        header said)."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to torchcodec
@@ -332,7 +349,7 @@ class EncodedJpeg:
             left, top, w, h = self.box
             img = decode_image(io.BytesIO(self.data.numpy().tobytes()), self.where)
             return TF.resized_crop(img, top, left, h, w, list(self.out), self.interpolation)
-        return Image.fromarray(self.crop_resize(pixels).numpy())
+        return self.crop_resize(pixels)
 
     def crop_resize(self, pixels: torch.Tensor) -> torch.Tensor:
         """The crop of the decoded C x H x W image, resized: H x W x C uint8, on its device."""
@@ -348,6 +365,22 @@ class EncodedJpeg:
             resized = F.interpolate(crop.float(), size=list(self.out), mode=self.interpolation.value, antialias=True)
             resized = resized.round_().clamp_(0, 255).to(torch.uint8)
         return resized[0].permute(1, 2, 0)
+
+
+class DecodedPixels:
+    """The resized crop as an H x W x 3 uint8 tensor, standing in for the PIL image in
+    data.device_augment.Staged until an op in the worker needs one (``decode``)."""
+    mode = 'RGB'
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def decode(self) -> Image.Image:
+        return Image.fromarray(self.pixels.numpy())
 
 
 def decode_on_device(files: Sequence[EncodedJpeg], device: torch.device) -> List[torch.Tensor]:

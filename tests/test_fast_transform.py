@@ -16,6 +16,7 @@ from torchvision.transforms import functional as TF
 
 import config as cfg
 from data import build_loader, build_train_transform, build_transform
+from data import device_augment
 from data import fast_transform as fast_module
 from data.fast_transform import FastTrainTransform, RawBatch, RawImage, _reduction
 from data.robust import CorruptImageError, RobustImageFolder, decode_image
@@ -84,6 +85,14 @@ class Recorder:
             self.events.append(('flip',))
             return hflip(img)
         monkeypatch.setattr(TF, 'hflip', flip)
+        # A flip left for the device is drawn, and recorded, when the fast path stages it.
+        add = device_augment.Staged.add
+
+        def staged_add(staged, op, apply):
+            if op.name == device_augment.FLIP:
+                self.events.append(('flip',))
+            return add(staged, op, apply)
+        monkeypatch.setattr(device_augment.Staged, 'add', staged_add)
         call = auto_augment.AugmentOp.__call__
 
         def op(self_op, img):
