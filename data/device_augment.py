@@ -1,17 +1,20 @@
-"""RandAugment's trailing ops, moved from the loader worker to the training device.
+"""RandAugment, moved from the loader worker to the training device, op for op as Pillow computes it.
 
 Pillow's affine transform with a bicubic filter (RandAugment's Rotate, ShearX/Y and TranslateX/Y)
 costs about 2 ms per 224 x 224 image on one core, as much as decoding and resizing the file together,
 and with the release recipe (two ops of fifteen, each applied with probability 1/2) a third of the
-training images need one; the histogram and lookup-table ops cost 0.1 to 0.3 ms each. Once no op
-left to do in the worker depends on an op's pixels, the worker only draws its parameters (every
-random number, in the reference's order) and records it; ``RawBatch.to(device)`` applies the
-recorded ops there, before normalising, computing what Pillow computes (the same pixels,
-tests/test_fast_transform.py): :func:`pillow_affine` for the geometric ops, lookup tables for
-Invert, Posterize, Solarize, SolarizeAdd, AutoContrast and Equalize.
+training images need one; the other ops cost 0.1 to 0.9 ms each. Here the worker only draws each
+op's parameters (every random number, in the reference's order, by the reference's own AugmentOp
+objects) and records the op; ``RawBatch.to(device)`` applies the recorded ops there, before
+normalising, computing what Pillow computes, to the bit (tests/test_device_augment.py):
+:func:`pillow_affine_batch` for the geometric ops, lookup tables for Invert, Posterize, Solarize,
+SolarizeAdd, AutoContrast and Equalize, single-precision blends for Color, Contrast, Brightness and
+Sharpness, as ImageEnhance does them.
 
-The enhance ops (Color, Contrast, Brightness, Sharpness) stay in the worker, with Pillow; one of them
-applies the recorded ops before it, there, with Pillow (:class:`Staged`).
+What the device cannot reproduce stays in the worker, with Pillow: an op whose function is not
+timm's own (replaced by someone), a filter other than bicubic or bilinear, the right-angle rotations
+Pillow does by transposing. Such an op first applies the ops recorded before it, there, with Pillow
+(:class:`Staged`), so the order of the ops never changes.
 """
 import copy
 import math
@@ -157,7 +160,8 @@ class _GeometricOnDevice:
 
 class StagedRandAugment:
     """timm's RandAugment ``reference`` (a copy; the original is unchanged), returning a
-    :class:`Staged` image whose trailing device ops are left for the device. Random numbers are
+    :class:`Staged` image whose ops (after the last one the device cannot do) are left for the
+    device. Random numbers are
     drawn exactly as the reference draws them."""
 
     def __init__(self, reference: auto_augment.RandAugment):
@@ -343,7 +347,64 @@ def _equalize(pixels, *_):
     return _apply_lut(pixels, torch.where(keep[:, None], levels, lut.clamp(0, 255)))
 
 
+# The enhance ops, as Pillow's ImageEnhance computes them: Image.blend(degenerate, image, factor),
+# which computes in1 + alpha * (in2 - in1) in single precision (alpha a C float), clamps to 0..255
+# and truncates; the degenerate image is the grey image (Color), its mean grey level (Contrast),
+# black (Brightness) or the image smoothed by the 3 x 3 kernel (1 1 1, 1 5 1, 1 1 1) / 13 with the
+# border kept (Sharpness).
+def _blend(degenerate: torch.Tensor, pixels: torch.Tensor, factor: float) -> torch.Tensor:
+    alpha = torch.tensor(factor, dtype=torch.float32, device=pixels.device)
+    degenerate = degenerate.float()
+    values = degenerate + (pixels.float() - degenerate) * alpha
+    return values.clamp_(0, 255).to(torch.uint8)
+
+
+def _grey(pixels: torch.Tensor) -> torch.Tensor:
+    # Pillow's RGB to L: ITU-R 601-2 luma in 16-bit fixed point, rounded.
+    p = pixels.to(torch.int32)
+    return (p[..., 0] * 19595 + p[..., 1] * 38470 + p[..., 2] * 7471 + 0x8000) >> 16
+
+
+def _color(pixels, factor, *_):
+    return _blend(_grey(pixels).unsqueeze(-1).expand_as(pixels), pixels, factor)
+
+
+def _contrast(pixels, factor, *_):
+    grey = _grey(pixels)
+    hist = torch.bincount(grey.reshape(-1), minlength=256).to(torch.float64)
+    mean = (hist * torch.arange(256, device=pixels.device, dtype=torch.float64)).sum() / hist.sum()
+    return _blend((mean + 0.5).floor().expand_as(pixels), pixels, factor)
+
+
+def _brightness(pixels, factor, *_):
+    return _blend(torch.zeros_like(pixels), pixels, factor)
+
+
+_SMOOTH_EDGE = torch.tensor(1 / 13, dtype=torch.float32)
+_SMOOTH_CENTRE = torch.tensor(5 / 13, dtype=torch.float32)
+
+
+def _sharpness(pixels, factor, *_):
+    # ImageFilter.SMOOTH as Pillow's 3 x 3 filter sums it: the row below, the row, the row above,
+    # each as (left + centre) + right, in single precision, then rounded; the border is copied.
+    h, w = pixels.shape[:2]
+    f = pixels.float()
+    edge, centre = _SMOOTH_EDGE.to(pixels.device), _SMOOTH_CENTRE.to(pixels.device)
+
+    def row(r, middle):
+        return (f[r, :w - 2] * edge + f[r, 1:w - 1] * (centre if middle else edge)) + f[r, 2:] * edge
+    total = row(slice(2, h), False)
+    total = total + row(slice(1, h - 1), True)
+    total = total + row(slice(0, h - 2), False)
+    smooth = pixels.clone()
+    smooth[1:h - 1, 1:w - 1] = (total + 0.5).clamp_(0, 255).to(torch.uint8)
+    return _blend(smooth, pixels, factor)
+
+
 _POSTERIZE = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
 _LUTS = {'Invert': _invert, 'Solarize': _solarize, 'SolarizeIncreasing': _solarize,
          'SolarizeAdd': _solarize_add, 'AutoContrast': _autocontrast, 'Equalize': _equalize,
-         **{name: _posterize for name in _POSTERIZE}}
+         **{name: _posterize for name in _POSTERIZE},
+         **{name + suffix: fn for name, fn in (('Color', _color), ('Contrast', _contrast),
+                                              ('Brightness', _brightness), ('Sharpness', _sharpness))
+            for suffix in ('', 'Increasing')}}

@@ -17,9 +17,9 @@ instead and:
       path does (data.robust.decode_image, then Pillow's crop and resize), so these images come
       out identical to it;
 - applies the reference's own flip and RandAugment objects to the 8-bit image; when training on a
-  GPU, RandAugment's trailing ops other than the enhance ops (rotate, shear, translate, the
-  lookup-table and histogram ops) are only drawn in the worker and applied on the device, as Pillow
-  computes them (data.device_augment);
+  GPU, the flip and RandAugment's ops are only drawn in the worker and applied on the device, as
+  Pillow computes them (data.device_augment), and with DATA.GPU_DECODE plain JPEGs are decoded
+  there too;
 - returns the 8-bit image and the random-erasing boxes drawn for it (:class:`RawImage`), not a
   normalised float tensor. The batch (:class:`RawBatch`, four times smaller) is normalised and
   erased in ``RawBatch.to(device)``, on the training device, as timm's prefetcher does.
@@ -205,7 +205,7 @@ class FastTrainTransform:
                  device_augment: bool = False, gpu_decode: bool = False):
         self.crop, self.finish, self.erasing = crop, finish, erasing
         self.pil_steps = list(pil_steps)
-        # RandAugment last: its trailing ops can wait for the device (a copy of it does).
+        # RandAugment last: its ops can wait for the device (a copy of it does).
         if (device_augment or gpu_decode) and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
             self.pil_steps[-1] = StagedRandAugment(self.pil_steps[-1])
         # When every step can wait for the device (the flip and RandAugment, as in the release recipe),
@@ -413,7 +413,7 @@ def fast_train_transform(reference: T.Compose, device_augment: bool = False,
     """The fast equivalent of timm's training transform ``reference``, or None when it is not of the
     shape handled here: random resized crop, PIL steps (flip, RandAugment, colour jitter, ...),
     ToTensor, Normalize, then optionally RandomErasing. ``device_augment``: leave RandAugment's
-    trailing geometric and lookup-table ops to ``RawBatch.to(device)`` (worth it when that device is
+    ops (and the flip before it) to ``RawBatch.to(device)`` (worth it when that device is
     a GPU). ``gpu_decode``: leave the decoding of plain JPEGs to it as well (DATA.GPU_DECODE)."""
     steps = list(reference.transforms)
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):

@@ -117,7 +117,7 @@ def _interpolation(name: str) -> T.InterpolationMode:
 def build_train_transform(config, device_augment: Optional[bool] = None):
     """The training transform: data.fast_transform's when DATA.FAST_PIPELINE and the recipe has the
     shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise.
-    ``device_augment``: leave RandAugment's trailing geometric and lookup-table ops to the training
+    ``device_augment``: leave the flip and RandAugment's ops to the training
     device (data.device_augment); by default when a GPU is there to train on."""
     reference = build_transform(True, config)
     if device_augment is None:

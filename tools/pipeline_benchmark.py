@@ -9,7 +9,7 @@ the main process with 0 workers), so time the CPU spends on other jobs is not co
 the wall-clock rate per worker is reported beside it. The fast path's batches leave the loader as 8-bit
 images; their normalisation and random erasing run on the training device when they are moved there
 (as timm's prefetcher does), so they are not in its loader time; their cost on this CPU is reported
-beside it. 'ours' is the fast path as a GPU node runs it: RandAugment's trailing geometric op is also
+beside it. 'ours' is the fast path as a GPU node runs it: the flip and RandAugment's ops are also
 left to the device (data.device_augment); 'ours, CPU training' is the fast path as it runs when the
 model trains on the CPU, with every RandAugment op done in the loader.
 """
@@ -152,7 +152,7 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
                      f'median {v["median"]:.1f}, mean {v["mean_capped_99"]:.1f} (identical images as 99)')
     lines.append(f'(ours leaves normalisation and random erasing to the training device: '
                  f'{rows[-1]["finish_ms_per_image_cpu"]:.3f} ms per image when that device is this CPU; on a GPU '
-                 f'node, also RandAugment\'s trailing ops: benchmarks/gpu_check.sh times that)')
+                 f'node, also the flip and RandAugment: benchmarks/gpu_check.sh times that)')
     return rows, lines
 
 
