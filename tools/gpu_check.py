@@ -544,7 +544,7 @@ def check_pipeline(mode: dict, out: Path) -> dict:
         raise CheckFailed(f'decoding left to the CPU differs from the worker\'s ({psnr:.1f} dB)')
     if psnr < 35:
         raise CheckFailed(f'decoding on {device}: PSNR {psnr:.1f} dB against the worker\'s decode (bound 35)')
-    summary = (f'{count} photos: {left} with RandAugment ops left to the device, identical; {encoded} decoded '
+    summary = (f'{count} photos: {left} with the flip or RandAugment ops left to the device, identical; {encoded} decoded '
                f'there, PSNR {psnr:.1f} dB; RawBatch.to ms/image: ' +
                ', '.join(f'{k} {v:.3f}' for k, v in finish_ms.items()) + '; worker CPU ms/image: ' +
                ', '.join(f'{k} {v:.2f}' for k, v in worker_ms.items()))

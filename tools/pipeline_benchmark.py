@@ -11,7 +11,8 @@ images; their normalisation and random erasing run on the training device when t
 (as timm's prefetcher does), so they are not in its loader time; their cost on this CPU is reported
 beside it. 'ours' is the fast path as a GPU node runs it: the flip and RandAugment's ops are also
 left to the device (data.device_augment); 'ours, CPU training' is the fast path as it runs when the
-model trains on the CPU, with every RandAugment op done in the loader.
+model trains on the CPU, with every RandAugment op done in the loader; 'ours, DATA.GPU_DECODE' leaves
+the decoding of plain JPEGs to the GPU as well (the loader only reads headers and draws).
 """
 import io
 import math
@@ -29,7 +30,7 @@ from timm.data.constants import IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
 import config as cfg
-from data.fast_transform import FastTrainTransform, RawBatch
+from data.fast_transform import FastTrainTransform, RawBatch, fast_train_transform
 from data.photos import write_photo_folder
 from data.robust import RobustImageFolder, collate_with_problems, decode_image
 from data.sampler import ResumableSampler, SeededSamples
@@ -105,7 +106,9 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
         source = f'{images} JPEGs made from the bundled photos, sides {sides[0]}-{sides[1]} px'
     transforms = {'timm': build_transform(True, config),
                   'ours': build_train_transform(config, device_augment=True),
-                  'ours_cpu_training': build_train_transform(config, device_augment=False)}
+                  'ours_cpu_training': build_train_transform(config, device_augment=False),
+                  # DATA.GPU_DECODE (needs a GPU to train on; the loader side runs anywhere).
+                  'ours_gpu_decode': fast_train_transform(build_transform(True, config), gpu_decode=True)}
     if not isinstance(transforms['ours'], FastTrainTransform):
         raise ValueError('the fast path does not apply to this configuration (see DATA.FAST_PIPELINE)')
     rows, lines = [], [f'data: {source}', f'load average at start: {os.getloadavg()[0]:.1f} '
@@ -129,6 +132,8 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
                'ratio_wall': wall['ours'] / wall['timm'],
                'ours_cpu_training_images_per_s_per_core': per_core['ours_cpu_training'],
                'ratio_cpu_training': per_core['ours_cpu_training'] / per_core['timm'],
+               'ours_gpu_decode_images_per_s_per_core': per_core['ours_gpu_decode'],
+               'ratio_gpu_decode': per_core['ours_gpu_decode'] / per_core['timm'],
                'gpu_rate': gpu_rate, 'gpus': gpus,
                'timm_cores_needed': gpus * gpu_rate / per_core['timm'],
                'ours_cores_needed': gpus * gpu_rate / per_core['ours'],
@@ -140,7 +145,9 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
                      f'cores for {gpus} GPUs at {gpu_rate:.0f} images/s each: timm '
                      f'{row["timm_cores_needed"]:.0f}, ours {row["ours_cores_needed"]:.0f}; '
                      f'ours as run for CPU training {per_core["ours_cpu_training"]:.0f} '
-                     f'({row["ratio_cpu_training"]:.2f}x); load average {row["load_average"]:.1f}')
+                     f'({row["ratio_cpu_training"]:.2f}x); with DATA.GPU_DECODE '
+                     f'{per_core["ours_gpu_decode"]:.0f} ({row["ratio_gpu_decode"]:.2f}x); '
+                     f'load average {row["load_average"]:.1f}')
     files = [Path(p) for p, _ in RobustImageFolder(str(root)).samples][:psnr_images]
     psnr = {'recipe': _summary(psnr_against_timm(files, opts)),
             'crop_flip_erase': _summary(psnr_against_timm(
