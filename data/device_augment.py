@@ -200,30 +200,27 @@ class StagedFlip:
 
 def apply_to_batch(pixels: torch.Tensor, ops: Sequence[List[DeviceOp]]) -> torch.Tensor:
     """``ops[i]`` applied in order to image i of an N x H x W x 3 uint8 batch, in place, on its
-    device: the k-th ops of all images in turn, the geometric ones of a turn in one batched call
-    (a few dozen kernels for the batch instead of for each image)."""
+    device: the k-th ops of all images in turn, the images of a turn grouped by op, each group in
+    one batched call (a few kernels per group, not per image)."""
     for k in range(max((len(o) for o in ops), default=0)):
-        turn = [(i, o[k]) for i, o in enumerate(ops) if len(o) > k]
-        geometric = [(i, op) for i, op in turn if op.affine is not None]
-        if geometric:
-            index = torch.tensor([i for i, _ in geometric], device=pixels.device)
-            pixels[index] = pillow_affine_batch(pixels[index], [op.affine for _, op in geometric])
-        for i, op in turn:
-            if op.affine is None:
-                pixels[i] = apply_on_device(pixels[i], [op])
+        groups = {}
+        for i, o in enumerate(ops):
+            if len(o) > k:
+                key = 'affine' if o[k].affine is not None else o[k].name
+                groups.setdefault(key, []).append((i, o[k]))
+        for key, members in groups.items():
+            index = torch.tensor([i for i, _ in members], device=pixels.device)
+            chosen = [op for _, op in members]
+            if key == 'affine':
+                pixels[index] = pillow_affine_batch(pixels[index], [op.affine for op in chosen])
+            else:
+                pixels[index] = _BATCH_OPS[key](pixels[index], [op.args for op in chosen])
     return pixels
 
 
 def apply_on_device(pixels: torch.Tensor, ops: List[DeviceOp]) -> torch.Tensor:
     """``ops`` applied in order to an H x W x 3 uint8 image, on its device."""
-    for op in ops:
-        if op.affine is not None:
-            pixels = pillow_affine(pixels, op.affine)
-        elif op.name == FLIP:
-            pixels = pixels.flip(1)
-        else:
-            pixels = _LUTS[op.name](pixels, *op.args)
-    return pixels
+    return apply_to_batch(pixels[None].clone(), [ops])[0]
 
 
 def pillow_affine(pixels: torch.Tensor, affine: Affine) -> torch.Tensor:
@@ -283,68 +280,82 @@ def _linear(v, d):
     return v[0] + (v[1] - v[0]) * d
 
 
-# Lookup-table ops, as Pillow's ImageOps (and data.transforms.release_posterize) compute their tables.
-def _apply_lut(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """``lut`` (256 values, or one row of 256 per channel) applied to an H x W x C uint8 image."""
+# The colour ops on an N x H x W x C batch, each image with its own arguments (``args[n]``, the
+# arguments timm's op function got). Lookup-table ops as Pillow's ImageOps (and
+# data.transforms.release_posterize) compute their tables.
+def _column(values, device, dtype) -> torch.Tensor:
+    """One value per image, shaped to broadcast over N x H x W x C."""
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
+
+
+def _apply_luts(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Per-image tables (N x 256, or N x C x 256 one per channel) applied to a uint8 batch."""
+    n, c = pixels.shape[0], pixels.shape[-1]
     lut = lut.to(torch.uint8)
-    if lut.dim() == 1:
-        return lut[pixels.long()]
-    channels = torch.arange(pixels.shape[-1], device=pixels.device) * 256
-    return lut.reshape(-1)[pixels.long() + channels]
+    if lut.dim() == 2:
+        lut = lut[:, None, :].expand(n, c, 256)
+    base = (torch.arange(n * c, device=pixels.device) * 256).view(n, 1, 1, c)
+    return lut.reshape(-1)[pixels.long() + base]
 
 
-def _invert(pixels, *_):
+def _levels(pixels: torch.Tensor) -> torch.Tensor:
+    return torch.arange(256, device=pixels.device).view(1, 256)
+
+
+def _invert(pixels, args):
     return 255 - pixels
 
 
-def _posterize(pixels, bits, *_):
-    if bits >= 8:
-        return pixels
-    return pixels & (0xFF ^ ((1 << (8 - max(int(bits), 0))) - 1))
+def _posterize(pixels, args):
+    masks = [0xFF if bits >= 8 else 0xFF ^ ((1 << (8 - max(int(bits), 0))) - 1) for bits, *_ in args]
+    return pixels & _column(masks, pixels.device, torch.uint8)
 
 
-def _solarize(pixels, threshold, *_):
-    levels = torch.arange(256, device=pixels.device)
-    return _apply_lut(pixels, torch.where(levels < threshold, levels, 255 - levels))
+def _solarize(pixels, args):
+    levels = _levels(pixels)
+    threshold = torch.tensor([a[0] for a in args], device=pixels.device).view(-1, 1)
+    return _apply_luts(pixels, torch.where(levels < threshold, levels, 255 - levels))
 
 
-def _solarize_add(pixels, add, threshold=128, *_):
-    levels = torch.arange(256, device=pixels.device)
-    return _apply_lut(pixels, torch.where(levels < threshold, (levels + add).clamp(max=255), levels))
+def _solarize_add(pixels, args):
+    levels = _levels(pixels)
+    add = torch.tensor([a[0] for a in args], device=pixels.device).view(-1, 1)
+    threshold = torch.tensor([a[1] if len(a) > 1 else 128 for a in args], device=pixels.device).view(-1, 1)
+    return _apply_luts(pixels, torch.where(levels < threshold, (levels + add).clamp(max=255), levels))
 
 
 def _histograms(pixels: torch.Tensor) -> torch.Tensor:
-    channels = pixels.shape[-1]
-    index = pixels.reshape(-1, channels).long() + torch.arange(channels, device=pixels.device) * 256
-    return torch.bincount(index.reshape(-1), minlength=256 * channels).view(channels, 256)
+    """N x C x 256 counts."""
+    n, c = pixels.shape[0], pixels.shape[-1]
+    base = (torch.arange(n * c, device=pixels.device) * 256).view(n, 1, 1, c)
+    return torch.bincount((pixels.long() + base).reshape(-1), minlength=256 * n * c).view(n, c, 256)
 
 
-def _autocontrast(pixels, *_):
+def _autocontrast(pixels, args):
     # ImageOps.autocontrast(img): per channel, levels lo..hi stretched to 0..255 (int() truncates).
     hist = _histograms(pixels)
     levels = torch.arange(256, device=pixels.device, dtype=torch.float64)
     present = hist > 0
-    lo = present.to(torch.uint8).argmax(1).to(torch.float64)
-    hi = 255 - present.flip(1).to(torch.uint8).argmax(1).to(torch.float64)
+    lo = present.to(torch.uint8).argmax(-1).to(torch.float64)
+    hi = 255 - present.flip(-1).to(torch.uint8).argmax(-1).to(torch.float64)
     # A true division (255.0 / tensor would multiply by a rounded reciprocal: a level off at times).
     scale = torch.full_like(lo, 255.0).div_((hi - lo).clamp(min=1))
-    lut = (levels * scale[:, None] + (-lo * scale)[:, None]).trunc().clamp(0, 255)
-    lut = torch.where((hi > lo)[:, None], lut, levels)
-    return _apply_lut(pixels, lut)
+    lut = (levels * scale[..., None] + (-lo * scale)[..., None]).trunc().clamp(0, 255)
+    return _apply_luts(pixels, torch.where((hi > lo)[..., None], lut, levels))
 
 
-def _equalize(pixels, *_):
+def _equalize(pixels, args):
     # ImageOps.equalize(img): per channel, step = (pixels - count of the last level present) // 255;
     # level i maps to (step // 2 + pixels below i) // step; channels with one level, or step 0, stay.
     hist = _histograms(pixels)
     present = hist > 0
-    last = 255 - present.flip(1).to(torch.uint8).argmax(1)
-    step = (hist.sum(1) - hist.gather(1, last[:, None])[:, 0]) // 255
-    below = torch.cumsum(hist, 1) - hist
-    lut = (step[:, None] // 2 + below) // step.clamp(min=1)[:, None]
-    keep = (present.sum(1) <= 1) | (step == 0)
+    last = 255 - present.flip(-1).to(torch.uint8).argmax(-1)
+    step = (hist.sum(-1) - hist.gather(-1, last[..., None])[..., 0]) // 255
+    below = torch.cumsum(hist, -1) - hist
+    lut = (step[..., None] // 2 + below) // step.clamp(min=1)[..., None]
+    keep = (present.sum(-1) <= 1) | (step == 0)
     levels = torch.arange(256, device=pixels.device)
-    return _apply_lut(pixels, torch.where(keep[:, None], levels, lut.clamp(0, 255)))
+    return _apply_luts(pixels, torch.where(keep[..., None], levels, lut.clamp(0, 255)))
 
 
 # The enhance ops, as Pillow's ImageEnhance computes them: Image.blend(degenerate, image, factor),
@@ -352,8 +363,8 @@ def _equalize(pixels, *_):
 # and truncates; the degenerate image is the grey image (Color), its mean grey level (Contrast),
 # black (Brightness) or the image smoothed by the 3 x 3 kernel (1 1 1, 1 5 1, 1 1 1) / 13 with the
 # border kept (Sharpness).
-def _blend(degenerate: torch.Tensor, pixels: torch.Tensor, factor: float) -> torch.Tensor:
-    alpha = torch.tensor(factor, dtype=torch.float32, device=pixels.device)
+def _blend(degenerate: torch.Tensor, pixels: torch.Tensor, args) -> torch.Tensor:
+    alpha = _column([a[0] for a in args], pixels.device, torch.float32)
     degenerate = degenerate.float()
     values = degenerate + (pixels.float() - degenerate) * alpha
     return values.clamp_(0, 255).to(torch.uint8)
@@ -365,46 +376,55 @@ def _grey(pixels: torch.Tensor) -> torch.Tensor:
     return (p[..., 0] * 19595 + p[..., 1] * 38470 + p[..., 2] * 7471 + 0x8000) >> 16
 
 
-def _color(pixels, factor, *_):
-    return _blend(_grey(pixels).unsqueeze(-1).expand_as(pixels), pixels, factor)
+def _color(pixels, args):
+    return _blend(_grey(pixels).unsqueeze(-1).expand_as(pixels), pixels, args)
 
 
-def _contrast(pixels, factor, *_):
-    grey = _grey(pixels)
-    hist = torch.bincount(grey.reshape(-1), minlength=256).to(torch.float64)
-    mean = (hist * torch.arange(256, device=pixels.device, dtype=torch.float64)).sum() / hist.sum()
-    return _blend((mean + 0.5).floor().expand_as(pixels), pixels, factor)
+def _contrast(pixels, args):
+    # ImageStat's mean of the grey image, rounded as int(mean + 0.5).
+    n = pixels.shape[0]
+    grey = _grey(pixels).long() + (torch.arange(n, device=pixels.device) * 256).view(n, 1, 1)
+    hist = torch.bincount(grey.reshape(-1), minlength=256 * n).view(n, 256).to(torch.float64)
+    levels = torch.arange(256, device=pixels.device, dtype=torch.float64)
+    mean = (hist * levels).sum(-1) / hist.sum(-1)
+    return _blend((mean + 0.5).floor().view(n, 1, 1, 1).expand_as(pixels), pixels, args)
 
 
-def _brightness(pixels, factor, *_):
-    return _blend(torch.zeros_like(pixels), pixels, factor)
+def _brightness(pixels, args):
+    return _blend(torch.zeros_like(pixels), pixels, args)
 
 
 _SMOOTH_EDGE = torch.tensor(1 / 13, dtype=torch.float32)
 _SMOOTH_CENTRE = torch.tensor(5 / 13, dtype=torch.float32)
 
 
-def _sharpness(pixels, factor, *_):
+def _sharpness(pixels, args):
     # ImageFilter.SMOOTH as Pillow's 3 x 3 filter sums it: the row below, the row, the row above,
     # each as (left + centre) + right, in single precision, then rounded; the border is copied.
-    h, w = pixels.shape[:2]
+    h, w = pixels.shape[1:3]
     f = pixels.float()
     edge, centre = _SMOOTH_EDGE.to(pixels.device), _SMOOTH_CENTRE.to(pixels.device)
 
-    def row(r, middle):
-        return (f[r, :w - 2] * edge + f[r, 1:w - 1] * (centre if middle else edge)) + f[r, 2:] * edge
+    def row(rows, middle):
+        return (f[:, rows, :w - 2] * edge + f[:, rows, 1:w - 1] * (centre if middle else edge)) + f[:, rows, 2:] * edge
     total = row(slice(2, h), False)
     total = total + row(slice(1, h - 1), True)
     total = total + row(slice(0, h - 2), False)
     smooth = pixels.clone()
-    smooth[1:h - 1, 1:w - 1] = (total + 0.5).clamp_(0, 255).to(torch.uint8)
-    return _blend(smooth, pixels, factor)
+    smooth[:, 1:h - 1, 1:w - 1] = (total + 0.5).clamp_(0, 255).to(torch.uint8)
+    return _blend(smooth, pixels, args)
+
+
+def _flip(pixels, args):
+    return pixels.flip(2)
 
 
 _POSTERIZE = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
+# RandAugment op names (timm's) the device applies; see _lut_op_applies.
 _LUTS = {'Invert': _invert, 'Solarize': _solarize, 'SolarizeIncreasing': _solarize,
          'SolarizeAdd': _solarize_add, 'AutoContrast': _autocontrast, 'Equalize': _equalize,
          **{name: _posterize for name in _POSTERIZE},
          **{name + suffix: fn for name, fn in (('Color', _color), ('Contrast', _contrast),
                                               ('Brightness', _brightness), ('Sharpness', _sharpness))
             for suffix in ('', 'Increasing')}}
+_BATCH_OPS = {**_LUTS, FLIP: _flip}

@@ -225,3 +225,18 @@ def test_the_transforms_pickle_for_spawned_loader_workers():
         data = _encode(_photo(5, (250, 500)))
         a, b = _seeded(2, lambda: transform(data, 'x')), _seeded(2, lambda: copy(data, 'x'))
         assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
+
+
+def test_a_batch_of_colour_ops_with_their_own_arguments_gives_pillows_pixels(one_thread):
+    """Images of a batch with the same op and different arguments, and different ops, in turns."""
+    images = [_photo(s).resize((64, 48)) for s in range(4)]
+    cases = [[('SolarizeAdd', auto_augment.solarize_add, (30,)), ('ContrastIncreasing', auto_augment.contrast, (1.6,))],
+             [('SolarizeAdd', auto_augment.solarize_add, (90,)), ('Equalize', auto_augment.equalize, ())],
+             [('PosterizeIncreasing', release_posterize, (2,)), ('ContrastIncreasing', auto_augment.contrast, (0.3,))],
+             [('PosterizeIncreasing', release_posterize, (5,))]]
+    batch = torch.stack([_pixels(img) for img in images])
+    out = dev.apply_to_batch(batch, [[dev.DeviceOp(name, args) for name, _, args in ops] for ops in cases])
+    for img, ops, ours in zip(images, cases, out):
+        for _, fn, args in ops:
+            img = fn(img, *args)
+        assert torch.equal(ours, _pixels(img))
