@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
+from data.sampler import ResumableSampler, SeededSamples
+from data.workers import worker_count
 from engine.seed import derive_seed, seed_worker
 from utils import get_rank, get_world_size
 
@@ -171,16 +173,17 @@ class DetectionLoaders:
     def num_classes(self) -> int:
         return len(self.label_to_category)
 
-    def set_epoch(self, epoch: int):
-        """Reshuffle for ``epoch`` and reseed the workers from (seed, epoch, rank)."""
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches of a whole epoch (the loader's length shrinks in a resumed epoch)."""
+        return self.train.sampler.num_samples // self.train.batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        """Reshuffle for ``epoch``, starting after its first ``start_step`` batches (a run resumed
+        part-way through it), and reseed the workers from (seed, epoch, rank)."""
         if self.train is not None:
-            self.train.sampler.set_epoch(epoch)
+            self.train.sampler.set_epoch(epoch, start_step * self.train.batch_size)
             self.train.generator.manual_seed(derive_seed(self.seed, epoch, get_rank()))
-
-
-def _workers(config) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(config.DATA.NUM_WORKERS, cores)
 
 
 def build_detection_loaders(config, train: bool = True, with_masks: bool = True) -> DetectionLoaders:
@@ -204,7 +207,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
     # One image per step, as mmdetection tests: a batch pads its images to a common size, and the
     # padding would make the scores depend on which images share a batch.
     val_loader = SkipReportingLoader(DataLoader(
-        val_set, batch_size=1, shuffle=False, num_workers=_workers(config),
+        val_set, batch_size=1, shuffle=False, num_workers=worker_count(config.DATA.NUM_WORKERS),
         pin_memory=pin, worker_init_fn=seed_worker, collate_fn=collate), d.SKIP_CORRUPT)
 
     train_loader = None
@@ -225,12 +228,11 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
         train_set = DetectionSet(train_coco, indices,
                                  build_transforms(config, True, category_to_label, with_masks),
                                  keys, skip_corrupt=d.SKIP_CORRUPT, refill=True)
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=config.SEED)
-        # Workers start afresh every epoch so their random streams follow the generator that
-        # set_epoch reseeds: a resumed run repeats them.
+        # Each sample is augmented from a seed of its own position in the epoch (data/sampler.py), so
+        # a run resumed part-way through an epoch repeats the uninterrupted one exactly.
+        sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=config.SEED)
         train_loader = SkipReportingLoader(DataLoader(
-            train_set, batch_size=d.BATCH_SIZE, sampler=sampler, num_workers=_workers(config),
+            SeededSamples(train_set), batch_size=d.BATCH_SIZE, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
             pin_memory=pin, drop_last=True, worker_init_fn=seed_worker, generator=torch.Generator(),
             persistent_workers=False, collate_fn=collate), d.SKIP_CORRUPT)
     return DetectionLoaders(train_loader, val_loader, val_coco.coco, categories, names, config.SEED)

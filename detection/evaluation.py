@@ -10,6 +10,7 @@ import torch.nn as nn
 from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
+from engine.progress import Progress
 from utils import all_gather_objects, get_rank
 
 logger = logging.getLogger('focalnet')
@@ -73,12 +74,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, coco_gt,
     rank 0 and score them there; every process returns the same metrics."""
     model.eval()
     results, image_ids = [], []
-    for images, targets in loader:
+    progress = Progress(len(loader))
+    for i, (images, targets) in enumerate(loader):
         with autocast():
             outputs = model([image.to(device, non_blocking=True) for image in images])
         for target, output in zip(targets, outputs):
             image_ids.append(int(target['image_id']))
             results.extend(to_coco_results(target['image_id'], output, label_to_category))
+        tick = progress.tick(i)
+        if progress.due(i):
+            logger.info(f'Test: [{i}/{len(loader)}]  eta {tick["eta"]}  time {tick["time"]:.3f}')
     gathered = all_gather_objects((results, image_ids))
     metrics: Dict[str, Optional[float]] = {}
     if get_rank() == 0:

@@ -11,12 +11,12 @@ from .amp import amp_dtype, make_autocast, make_scaler
 from .cli import report, run_cli
 from .ddp import check_same_config, match_grad_layout, wrap_ddp
 from .lock import FolderInUse, RunLock
-from .metrics import append_metrics, drop_metrics_from, tensorboard_writer
+from .metrics import append_metrics, drop_metrics_from, record, tensorboard_writer
 from .preemption import Preempted, Preemption
 from .progress import Progress, memory_mb
 from .step import OptimizerStep, check_update
 
 __all__ = ['amp_dtype', 'make_autocast', 'make_scaler', 'report', 'run_cli', 'match_grad_layout',
            'wrap_ddp', 'check_same_config', 'FolderInUse', 'RunLock', 'append_metrics',
-           'drop_metrics_from', 'tensorboard_writer', 'Preempted', 'Preemption', 'Progress', 'memory_mb', 'OptimizerStep',
-           'check_update']
+           'drop_metrics_from', 'record', 'tensorboard_writer', 'Preempted', 'Preemption', 'Progress',
+           'memory_mb', 'OptimizerStep', 'check_update']

@@ -89,7 +89,7 @@ def load_segmentor_weights(model: nn.Module, path: str) -> dict:
     return {'path': str(path), 'num_tensors': len(state)}
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
+def init_from_pretrained(model: nn.Module, path: str) -> str:
     """``--pretrained``: a whole segmentor (released ADE20K checkpoint), or ImageNet classification
     weights for the backbone, adapted as the official code does (models.dense.init_from_classification).
     Returns a line for the log."""

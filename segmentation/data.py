@@ -24,6 +24,7 @@ from torchvision import tv_tensors
 
 from data.robust import (CorruptImageError, DataError, SkipReportingLoader, collate_with_problems,
                          open_image)
+from data.workers import worker_count
 from engine.seed import seed_worker
 from utils import get_rank, get_world_size
 
@@ -173,9 +174,6 @@ class IterationSampler(Sampler):
             draw, skip = draw + 1, 0
 
 
-def _workers(requested: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(requested, cores)
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -187,7 +185,7 @@ def _own_generator(seed: int) -> torch.Generator:
 def train_loader(dataset: ADE20K, batch_size: int, start: int, *, num_workers: int, pin_memory: bool,
                  skip_corrupt: bool) -> SkipReportingLoader:
     """Batches ``(images, (labels, label_paths))`` of this process from iteration ``start`` on, without end."""
-    workers = _workers(num_workers)
+    workers = worker_count(num_workers)
     return SkipReportingLoader(DataLoader(
         dataset, batch_size=batch_size, sampler=IterationSampler(len(dataset), batch_size, dataset.seed, start),
         num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
@@ -200,7 +198,7 @@ def val_loader(dataset: ADE20K, *, num_workers: int, pin_memory: bool, skip_corr
     image counts once over all processes."""
     indices: Sequence[int] = range(get_rank(), len(dataset), get_world_size())
     return SkipReportingLoader(DataLoader(
-        dataset, batch_size=1, sampler=list(indices), num_workers=_workers(num_workers),
+        dataset, batch_size=1, sampler=list(indices), num_workers=worker_count(num_workers),
         pin_memory=pin_memory, worker_init_fn=seed_worker, collate_fn=collate_with_problems,
         generator=_own_generator(dataset.seed)), skip_corrupt)
 
