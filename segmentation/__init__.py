@@ -1,6 +1,6 @@
 """Semantic segmentation with FocalNet backbones: UPerNet, ADE20K data, mIoU, training and evaluation.
 
-``python -m segmentation --help`` runs it; see README.md, section "Semantic segmentation".
+``python -m segmentation --help`` runs it; see docs/segmentation.md.
 """
 from .heads import FCNHead, UPerHead
 from .inference import predict, predict_probs

@@ -26,6 +26,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope='session')
+def readme_run(tmp_path_factory):
+    """README.md's CPU commands (the quick start, then the tools on its model) run as written in a
+    scratch folder (tests/doc_blocks.py): (folder, [(block, finished process)]). tests/test_docs.py
+    checks them; tests/test_engine.py's digits runs are this quick start."""
+    from doc_blocks import run_page
+    folder = tmp_path_factory.mktemp('readme')
+    return folder, run_page(ROOT / 'README.md', folder)
+
+
 # ---- small training runs shared by several test files (see tiny_runs.py) ---------------------------
 
 @pytest.fixture(scope='session')

@@ -4,7 +4,7 @@ the page in a real headless Chromium.
 The server is started once for the module, as a user starts it (python demo/app.py ...), with an
 audit hook that records every connection it opens: none may leave this machine. The browser test
 saves a screenshot; with FOCALNET_UPDATE_SCREENSHOT=1 it also replaces docs/figures/demo.png, the one
-the README shows.
+README.md and docs/tools.md show.
 """
 import ast
 import json

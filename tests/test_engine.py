@@ -161,17 +161,17 @@ def test_zip_layout(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='session')
-def digits(tmp_path_factory) -> Path:
-    """scikit-learn's 1797 handwritten digits as 32 px RGB PNGs: 1437 to train on, 360 held out."""
-    from data.export_digits import export_digits
-    return export_digits(tmp_path_factory.mktemp('digits'))
+def digits(readme_run) -> Path:
+    """scikit-learn's 1797 handwritten digits as 32 px RGB PNGs: 1437 to train on, 360 held out;
+    written and trained on by the README's quick start, as written (conftest.readme_run)."""
+    folder, ((block, proc), *_) = readme_run
+    assert proc.returncode == 0, f'the quick start ({block.where}) failed:\n{proc.stderr[-3000:]}'
+    return folder / 'digits'
 
 
 @pytest.fixture(scope='session')
-def digits_run(digits, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp('digits_run')
-    run_main(['--cfg', DIGITS_CFG, '--data-path', str(digits), '--output', str(out), '--tag', 'digits'])
-    return out / 'focalnet_digits' / 'digits'
+def digits_run(digits) -> Path:
+    return digits.parent / 'output' / 'focalnet_digits' / 'default'
 
 
 def test_digits_reach_95_percent_within_10_epochs(digits_run):
@@ -203,7 +203,7 @@ def test_checkpoints_load_with_weights_only(digits_run):
 def test_eval_reproduces_the_logged_accuracy(digits, digits_run):
     # Another batch size than in training: the accuracy must not depend on it.
     proc = run_main(['--cfg', DIGITS_CFG, '--data-path', str(digits), '--batch-size', '50',
-                     '--output', str(digits_run.parents[1]), '--tag', 'digits', '--eval',
+                     '--output', str(digits_run.parents[1]), '--tag', 'default', '--eval',
                      '--resume', str(digits_run / 'ckpt_epoch_9.pth')])
     trained, evaluated = metrics(digits_run)[9], metrics(digits_run)[-1]
     assert evaluated['mode'] == 'eval'

@@ -75,7 +75,7 @@ def test_reference_case(case, reference):
         pooled = model.forward_head(model.forward_features(data['input']), pre_logits=True)
         plain = model(data['input'])
     (last,) = maps.values()
-    # The README's promise: a relative error below 1e-6 for every reference case.
+    # docs/classification.md's promise: a relative error below 1e-6 for every reference case.
     assert rel_err(logits, data['logits']) < 1e-6
     assert rel_err(plain, data['logits']) < 1e-6
     assert rel_err(pooled, data['pooled_features']) < 1e-6
