@@ -362,9 +362,12 @@ def get_config(args, require_cfg: bool = False) -> CN:
 
 def stored_config(path: str) -> Optional[str]:
     """The config a training checkpoint of this codebase stores (YAML text); None for other files
-    (released weights, the official checkpoints' pickled configs)."""
+    (released weights, the official checkpoints' pickled configs) and for files that cannot be read."""
     from engine.checkpoint import read_checkpoint
-    ckpt = read_checkpoint(path, mmap=True)
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except UserError:  # missing or unreadable: the task's loading says so, in its own words
+        return None
     text = ckpt.get('config') if isinstance(ckpt, dict) else None
     return text if isinstance(text, str) else None
 

@@ -23,7 +23,7 @@ def describe_lr(config, world_size: int) -> str:
     """The log line that says which rate a run uses and why."""
     scale = lr_scale(config, world_size)
     return (f'learning rate {config.TRAIN.BASE_LR * scale:.3e} (BASE_LR x {scale:g}: global batch '
-            f'{global_batch(config, world_size)} / TRAIN.BASE_BATCH_SIZE {config.TRAIN.BASE_BATCH_SIZE})')
+            f'{global_batch(config, world_size)} / {config.TRAIN.BASE_BATCH_SIZE}, TRAIN.BASE_BATCH_SIZE)')
 
 
 def build_scheduler(config, optimizer, steps_per_epoch: int, lr_scale: float = 1.0) -> Scheduler:

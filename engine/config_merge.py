@@ -170,9 +170,16 @@ def merge_file(config: CN, path: str, defaults: CN, seen: tuple = ()):
     _merge(config, _renamed(_normalise_official(data), where), where, defaults)
 
 
+# Keys of a stored config that say where and how that run ran, not what it trained: a run that starts
+# from the stored config (an evaluation) keeps its own.
+RUN_KEYS = ('OUTPUT', 'TAG', 'MODEL.RESUME', 'MODEL.PRETRAINED', 'EVAL_MODE', 'THROUGHPUT_MODE',
+            'TRAIN.AUTO_RESUME')
+
+
 def merge_stored(config: CN, text: str, where: str, defaults: CN):
-    """Merge a config saved as YAML text (a checkpoint's). Keys this version does not know (from an
-    older or newer version) are left out with a warning instead of stopping the run."""
+    """Merge a config saved as YAML text (a checkpoint's), but for its RUN_KEYS. Keys this version
+    does not know (from an older or newer version) are left out with a warning instead of stopping
+    the run."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -188,6 +195,8 @@ def merge_stored(config: CN, text: str, where: str, defaults: CN):
         kept = {}
         for key, value in node.items():
             full = f'{prefix}{key}'
+            if full in RUN_KEYS:
+                continue
             if isinstance(value, dict) and isinstance(lookup(defaults, full), CN):
                 kept[key] = keep_known(value, full + '.')
             elif full in known:

@@ -17,7 +17,7 @@ from optimizer import build_optimizer
 from utils import get_rank, get_world_size, init_distributed
 
 from .amp import make_scaler
-from .config_merge import config_differences
+from .config_merge import RUN_KEYS, config_differences
 from .ddp import check_same_config
 from .folders import ensure_writable_dir
 from .lock import RunLock
@@ -85,8 +85,6 @@ def record_config(config, out: str):
         _warn_eval_changes(config)
 
 
-# Keys an evaluation sets itself: not worth a warning when they differ from the training run's.
-_EVAL_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'TRAIN.AUTO_RESUME')
 
 
 def _warn_eval_changes(config):
@@ -96,7 +94,7 @@ def _warn_eval_changes(config):
     text = stored_config(config.MODEL.RESUME)
     if text is None:
         return
-    changed = [f'{k} {a!r} -> {b!r}' for k, a, b in config_differences(text, config) if k not in _EVAL_KEYS]
+    changed = [f'{k} {a!r} -> {b!r}' for k, a, b in config_differences(text, config) if k not in RUN_KEYS]
     if changed:
         more = f' and {len(changed) - 10} more' if len(changed) > 10 else ''
         logger.warning(f'evaluating with {len(changed)} key(s) other than {config.MODEL.RESUME} was '

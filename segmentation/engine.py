@@ -186,13 +186,14 @@ def log_progress(t: SegmentationTrainer, it: int, tick: dict):
 
 def evaluate_and_record(t: SegmentationTrainer, val, done: int, loaders):
     train_loss = t.interval.pop().get('loss', math.nan)
-    result = evaluate(t.model_without_ddp, val, t.device, t.config, inference_options(t.config, aug_test=False), t.autocast)
+    options = inference_options(t.config, aug_test=False)
+    result = evaluate(t.model_without_ddp, val, t.device, t.config, options, t.autocast)
     t.model_without_ddp.train()
     report_skipped(loaders, f'iteration {done}', t.out)
     t.best = max(t.best, result['miou'])
-    record(t.out, {'iter': done, 'train_loss': train_loss, 'miou': result['miou'], 'macc': result['macc'],
-                            'aacc': result['aacc'], 'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best},
-           t.writer, done, ('miou', 'macc', 'aacc'), prefix='val')
+    values = {'iter': done, 'train_loss': train_loss, 'miou': result['miou'], 'macc': result['macc'],
+              'aacc': result['aacc'], 'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best}
+    record(t.out, values, t.writer, done, ('miou', 'macc', 'aacc'), prefix='val')
 
 
 def save_state(t: SegmentationTrainer, done: int, evaluated: bool = True) -> Optional[str]:
