@@ -208,6 +208,11 @@ _C.DETECTION.CROP_SIZE = [384, 600]
 # TRAIN.LR_SCHEDULER.DECAY_RATE at the start of each epoch listed in LR_STEPS.
 _C.DETECTION.WARMUP_ITERS = 500
 _C.DETECTION.LR_STEPS = [9, 11]
+# Training batches hold images of one orientation (landscape or not), as mmdetection's GroupSampler.
+_C.DETECTION.GROUP_ASPECT_RATIO = True
+# Weight decay as the official configs: 'official' spares only parameters named *norm* (biases and
+# layer scales are decayed); 'classification' spares every 1-D parameter, as optimizer.py does.
+_C.DETECTION.DECAY_GROUPS = 'official'
 # Test time: detections kept per image, and the score they need.
 _C.DETECTION.SCORE_THRESH = 0.05
 _C.DETECTION.DETECTIONS_PER_IMAGE = 100
@@ -351,8 +356,9 @@ def get_config(args, require_cfg: bool = False) -> CN:
     if require_cfg and not args.cfg and not resumed_eval:
         raise UserError('--cfg <config file> is needed (only --eval --resume <training checkpoint> can do '
                         'without: the checkpoint stores its config)')
-    overrides = {key: getattr(args, attr) for attr, key in _FLAGS.items()
-                 if getattr(args, attr, None) not in (None, False)}
+    # ``is``, not ``in (None, False)``: 0 == False, and --batch-size 0 must reach the range check.
+    overrides = {key: value for attr, key in _FLAGS.items()
+                 if (value := getattr(args, attr, None)) is not None and value is not False}
     stored = None
     if resumed_eval:
         text = stored_config(args.resume)

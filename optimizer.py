@@ -1,6 +1,6 @@
 """The optimizer: AdamW (or SGD) with no weight decay on norms, biases and layer scales, and optional
 layer-wise learning-rate decay (TRAIN.LAYER_DECAY) for fine-tuning."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -57,15 +57,18 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
-def build_optimizer(config, model: nn.Module, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def build_optimizer(config, model: nn.Module, lr_scale: float = 1.0,
+                    groups: Optional[List[dict]] = None) -> torch.optim.Optimizer:
     """``model`` is the bare module (not the DDP wrapper); the learning rate is TRAIN.BASE_LR * lr_scale
     (config.lr_scale), which the scheduler then varies per step (times each group's ``lr_scale``
-    under TRAIN.LAYER_DECAY)."""
+    under TRAIN.LAYER_DECAY). ``groups`` replaces param_groups' grouping (a task whose official
+    recipe decays other parameters)."""
     opt = config.TRAIN.OPTIMIZER
     if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
         raise UserError(f'TRAIN.LAYER_DECAY must be in (0, 1] (1 turns it off); '
                         f'got {config.TRAIN.LAYER_DECAY}')
-    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, config.TRAIN.LAYER_DECAY)
+    if groups is None:
+        groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, config.TRAIN.LAYER_DECAY)
     lr = config.TRAIN.BASE_LR * lr_scale
     for group in groups:
         if 'lr_scale' in group:

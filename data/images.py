@@ -51,6 +51,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return rgb.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else rgb
 
 
+def upright_size(img: Image.Image) -> tuple:
+    """(width, height) that :func:`to_rgb` will give, read from the header only."""
+    width, height = img.size
+    return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
+
+
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation tag (1 to 8), or 1 when there is none or the EXIF block is unreadable:
     the pixels are fine either way, so a damaged EXIF block neither stops a run nor warns."""

@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, DatasetFolder, find_clas
 from errors import UserError
 from utils import all_gather_objects, get_rank
 
+from .files import check_pixels, open_regular
 from .folders import find_images
 from .images import to_rgb
 
@@ -44,11 +45,12 @@ class CorruptImageError(DataError):
 
 
 def open_image(path: str) -> Image.Image:
-    """Decode the whole file now (not lazily) so a truncated image fails here, naming the file."""
+    """Decode the whole file now (not lazily) so a truncated image fails here, naming the file. A
+    FIFO or device with an image's name is refused without being opened (data/files.py)."""
     try:
-        with open(path, 'rb') as f:
+        with open_regular(path) as f:
             return decode_image(f, path)
-    except OSError as e:  # missing or unreadable file
+    except OSError as e:  # missing or unreadable file, or not a regular file
         raise CorruptImageError(path, e.strerror or str(e)) from None
 
 
@@ -60,6 +62,9 @@ def decode_image(file: BinaryIO, path: str) -> Image.Image:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         img = Image.open(file)
+        too_large = check_pixels(img, path)
+        if too_large:
+            raise CorruptImageError(path, too_large)
         img.load()
         return to_rgb(img)
     except UnidentifiedImageError:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from config import load_config
 from data import build_transform
+from data.files import file_problem, not_regular
 from errors import UserError
 from models import list_models
 from models.pretrained import CheckpointError, convert_state_dict, extract_state_dict, read_state_file
@@ -77,6 +78,39 @@ def checkpoint_classes(path: str) -> int:
     state, _ = convert_state_dict(state)
     head = state.get('head.weight')
     return 0 if head is None else int(head.shape[0])
+
+
+def checkpoint_path_problem(checkpoint: str, path: Path) -> Optional[str]:
+    """Why ``path`` cannot be read as a checkpoint, from its kind alone (nothing is opened), or None."""
+    if path.is_dir():  # a Hugging Face folder (save_pretrained)
+        return None if os.access(path, os.R_OK | os.X_OK) else f'{checkpoint}: permission denied'
+    problem = not_regular(str(path))
+    if problem == 'not found':
+        return f'checkpoint not found: {checkpoint}'
+    if problem:
+        return f'{checkpoint} is {problem}, not a checkpoint file'
+    if not os.access(path, os.R_OK):
+        return f'{checkpoint}: permission denied'
+    return None
+
+
+def misfit(config, path: str) -> str:
+    """Which of the architecture's parameters a checkpoint lacks or holds in another shape, named by
+    the architecture's own parameter names; the file's other entries are counted, not named."""
+    from models import build_model
+    try:
+        state, _ = convert_state_dict(extract_state_dict(read_state_file(path, mmap=True), path))
+    except CheckpointError:
+        return ''
+    target = {k: v.shape for k, v in build_model(config).state_dict().items()}
+    missing = [k for k in target if k not in state]
+    reshaped = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k])]
+    extra = sum(k not in target for k in state)
+    parts = [f'{len(names)} {what}: {", ".join(names[:3])}{" ..." if len(names) > 3 else ""}'
+             for names, what in ((missing, 'of its parameters missing'), (reshaped, 'of another shape')) if names]
+    if extra:
+        parts.append(f'{extra} entries it has no parameter for')
+    return f' ({"; ".join(parts)})' if parts else ''
 
 
 @dataclass
@@ -138,13 +172,15 @@ class Demo:
 
     def load(self, architecture: str, checkpoint: str = '') -> Loaded:
         """The architecture with the checkpoint's weights (random without one), kept until another
-        architecture or checkpoint is asked for."""
+        architecture or checkpoint is asked for. Errors name the path and the kind of problem only:
+        the page may be open to people who must not learn what other files on the machine hold."""
         checkpoint = (checkpoint or '').strip()
         self.config(architecture)  # names a bad architecture before anything is read
         if checkpoint:
             path = Path(checkpoint).expanduser()
-            if not path.exists():
-                raise UserError(f'checkpoint not found: {checkpoint}')
+            problem = checkpoint_path_problem(checkpoint, path)
+            if problem:
+                raise UserError(problem)
             stat = path.stat()
             key = (architecture, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         else:
@@ -157,10 +193,17 @@ class Demo:
                 # The checkpoint says how many classes it has: the 22K releases and their
                 # fine-tunes share architectures.
                 num_classes = checkpoint_classes(str(path)) if path else None
+            except CheckpointError as e:
+                logger.warning('%s', e)  # the details, for whoever runs the server
+                raise UserError(f'{checkpoint}: not a checkpoint this page reads (a PyTorch or safetensors '
+                                f'file of FocalNet weights)') from None
+            try:
                 config = self.config(architecture, num_classes=num_classes)
                 model, info = load_model(config, str(path) if path else None)
             except CheckpointError as e:
-                raise UserError(f'cannot load {checkpoint} as {architecture}: {e}') from None
+                logger.warning('%s', e)
+                raise UserError(f'{checkpoint}: its weights do not fit {architecture}'
+                                f'{misfit(config, str(path))}') from None
             model = model.to(self.device).eval()
             self._loaded = Loaded(key, architecture, checkpoint, info and info['layout'], config,
                                   model, class_names(model.num_classes))
@@ -174,8 +217,8 @@ class Demo:
         start = time.perf_counter()
         if image is None:
             raise UserError('no image: upload one or pick an example')
-        if resolution is not None and not 16 <= int(resolution) <= 2048:
-            raise UserError(f'resolution {resolution} px is out of range; use 16 to 2048')
+        if resolution is not None and not 32 <= int(resolution) <= 2048:
+            raise UserError(f'resolution {resolution} px is out of range; use 32 to 2048')
         loaded = self.load(architecture, checkpoint)
         config = self.config(architecture, num_classes=loaded.config.MODEL.NUM_CLASSES,
                              img_size=None if resolution is None else int(resolution))
@@ -241,8 +284,9 @@ def architectures(configs: Sequence[str] = ()) -> Dict[str, Path]:
     table = {name: ROOT / 'configs' / f'{name}.yaml' for name in list_models()}
     for cfg in configs:
         path = Path(cfg)
-        if not path.is_file():
-            raise UserError(f'config file not found: {cfg}')
+        problem = file_problem(cfg, 'config')
+        if problem:
+            raise UserError(problem)
         load_config(str(path))  # names a bad key now, not at the first request
         table[path.stem] = path
     return table
@@ -304,7 +348,7 @@ def build_page(demo: Demo, architecture: str = DEFAULT_MODEL, checkpoint: str = 
                                          label='Modulator: blocks to show', elem_id='blocks')
                     gate_block = gr.Dropdown(every, value=gate, allow_custom_value=True,
                                              label='Gates: block', elem_id='gate-block')
-                    resolution = gr.Number(size, precision=0, minimum=16, maximum=2048,
+                    resolution = gr.Number(size, precision=0, minimum=32, maximum=2048,
                                            label='Resolution (px)', elem_id='resolution')
                 button = gr.Button('Run', variant='primary', elem_id='run')
             with gr.Column(scale=3):

@@ -8,46 +8,74 @@ masks.
 """
 import contextlib
 import io
+import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
-from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from data.files import not_regular
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
 from data.sampler import ResumableSampler, SeededSamples
 from data.workers import worker_count
 from engine.seed import derive_seed, seed_worker
 from utils import get_rank, get_world_size
 
+from .annotations import load_coco
+from .recipe import AspectRatioBatchSampler, landscape_groups
+
+logger = logging.getLogger('focalnet')
+
 
 class CocoImages(CocoDetection):
-    """CocoDetection that decodes each image eagerly and names a damaged or missing file."""
+    """CocoDetection over an already checked document (detection/annotations.py), decoding each image
+    eagerly and naming a damaged or missing file."""
+
+    def __init__(self, root: str, coco):
+        VisionDataset.__init__(self, root)
+        self.coco = coco
+        self.ids = sorted(coco.imgs.keys())
 
     def _load_image(self, id: int):
         return open_image(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
 
 
-def read_coco(root: str, split: str) -> CocoImages:
+def read_coco(root: str, split: str, masks: bool = True, drop_degenerate: bool = False) -> CocoImages:
+    """The split's images and checked annotations. ``drop_degenerate``: leave out the objects no
+    detector can learn from (training), counted in the log; evaluation keeps them, as COCOeval does."""
     images = os.path.join(root, split)
     annotations = os.path.join(root, 'annotations', f'instances_{split}.json')
     for path, what in ((root, 'COCO root'), (annotations, 'annotation file'), (images, 'image folder')):
         if not os.path.exists(path):
             raise DataError(f'{what} not found: {path} (expected the COCO layout: '
                             f'annotations/instances_{split}.json and {split}/)')
+        if what != 'annotation file' and not os.path.isdir(path):
+            raise DataError(f'{what} {path} is {not_regular(path) or "a file"}, not a folder')
+    checked = load_coco(annotations, masks)
+    document = checked.dataset
+    if not document['images']:
+        raise DataError(f'{annotations} lists no images: the {split} split is empty')
+    if checked.degenerate:
+        reasons = Counter(checked.degenerate.values())
+        what = 'left out of the training targets' if drop_degenerate else 'kept for the evaluation, as COCOeval scores them'
+        logger.warning(f'{annotations}: {len(checked.degenerate)} of {len(document["annotations"])} objects '
+                       f'cover no usable area ({", ".join(f"{n} {r}" for r, n in reasons.most_common())}); {what}')
+        if drop_degenerate:
+            document = dict(document, annotations=[a for a in document['annotations']
+                                                   if a['id'] not in checked.degenerate])
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = document
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while it indexes
-        try:
-            dataset = CocoImages(images, annotations)
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f'{annotations} is not a COCO instances file: {type(e).__name__}: {e}') from None
-    if not dataset.coco.getCatIds():
-        raise DataError(f'{annotations} defines no categories')
-    return dataset
+        coco.createIndex()
+    return CocoImages(images, coco)
 
 
 class CocoTargets:
@@ -159,6 +187,35 @@ def collate(samples: list):
     return list(images), list(targets), problems
 
 
+class ResumableBatches(Sampler):
+    """AspectRatioBatchSampler's batches over ResumableSampler's (index, seed) keys, resumable
+    part-way through an epoch: which samples share a batch depends on the epoch's whole order, so
+    the batches are formed from its start and the first ``start`` skipped (indices only: no image is
+    read for them)."""
+
+    def __init__(self, sampler: ResumableSampler, group_ids: Sequence[int], batch_size: int):
+        self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.sampler.set_epoch(epoch, 0)
+        self.start = start
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.num_samples // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start)
+
+    def __iter__(self):
+        keys = list(self.sampler)  # the epoch's (index, seed) in order
+        groups = [self.group_ids[index] for index, _ in keys]
+        for n, batch in enumerate(AspectRatioBatchSampler(range(len(keys)), groups, self.batch_size)):
+            if n >= self.start:
+                yield [keys[position] for position in batch]
+
+
 @dataclass
 class DetectionLoaders:
     """What build_detection_loaders learns: the loaders, the classes, the validation annotations."""
@@ -176,13 +233,20 @@ class DetectionLoaders:
     @property
     def steps_per_epoch(self) -> int:
         """Training batches of a whole epoch (the loader's length shrinks in a resumed epoch)."""
+        batches = self.train.batch_sampler
+        if isinstance(batches, ResumableBatches):
+            return batches.steps_per_epoch
         return self.train.sampler.num_samples // self.train.batch_size
 
     def set_epoch(self, epoch: int, start_step: int = 0):
         """Reshuffle for ``epoch``, starting after its first ``start_step`` batches (a run resumed
         part-way through it), and reseed the workers from (seed, epoch, rank)."""
         if self.train is not None:
-            self.train.sampler.set_epoch(epoch, start_step * self.train.batch_size)
+            batches = self.train.batch_sampler
+            if isinstance(batches, ResumableBatches):
+                batches.set_epoch(epoch, start_step)
+            else:
+                self.train.sampler.set_epoch(epoch, start_step * self.train.batch_size)
             self.train.generator.manual_seed(derive_seed(self.seed, epoch, get_rank()))
 
 
@@ -193,7 +257,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
     d, root = config.DATA, config.DATA.DATA_PATH
     if not root:
         raise DataError('no data: pass --data-path <COCO root>')
-    val_coco = read_coco(root, config.DETECTION.VAL_SPLIT)
+    val_coco = read_coco(root, config.DETECTION.VAL_SPLIT, with_masks)
     categories = sorted(val_coco.coco.getCatIds())
     category_to_label = {c: i + 1 for i, c in enumerate(categories)}
     names = [val_coco.coco.cats[c].get('name', str(c)) for c in categories]
@@ -212,7 +276,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
 
     train_loader = None
     if train:
-        train_coco = read_coco(root, config.DETECTION.TRAIN_SPLIT)
+        train_coco = read_coco(root, config.DETECTION.TRAIN_SPLIT, with_masks, drop_degenerate=True)
         if sorted(train_coco.coco.getCatIds()) != categories:
             raise DataError(f'the {config.DETECTION.TRAIN_SPLIT} and {config.DETECTION.VAL_SPLIT} '
                             f'annotations define different categories: '
@@ -231,8 +295,14 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
         # Each sample is augmented from a seed of its own position in the epoch (data/sampler.py), so
         # a run resumed part-way through an epoch repeats the uninterrupted one exactly.
         sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=config.SEED)
+        if config.DETECTION.GROUP_ASPECT_RATIO:
+            # One orientation per batch, as mmdetection's GroupSampler (detection/recipe.py).
+            batching = dict(batch_sampler=ResumableBatches(
+                sampler, landscape_groups(train_coco.coco, train_set.image_ids), d.BATCH_SIZE))
+        else:
+            batching = dict(batch_size=d.BATCH_SIZE, sampler=sampler, drop_last=True)
         train_loader = SkipReportingLoader(DataLoader(
-            SeededSamples(train_set), batch_size=d.BATCH_SIZE, sampler=sampler, num_workers=worker_count(config.DATA.NUM_WORKERS),
-            pin_memory=pin, drop_last=True, worker_init_fn=seed_worker, generator=torch.Generator(),
+            SeededSamples(train_set), **batching, num_workers=worker_count(config.DATA.NUM_WORKERS),
+            pin_memory=pin, worker_init_fn=seed_worker, generator=torch.Generator(),
             persistent_workers=False, collate_fn=collate), d.SKIP_CORRUPT)
     return DetectionLoaders(train_loader, val_loader, val_coco.coco, categories, names, config.SEED)

@@ -1,8 +1,10 @@
 """torchvision detectors on the FocalNet dense backbone.
 
 The detector is a composition: ``FocalNetFPN`` (the dense backbone and torchvision's feature pyramid)
-is what torchvision's ``MaskRCNN``, ``FasterRCNN``, ``RetinaNet`` and ``FCOS`` take as ``backbone``; they
-own the heads, the losses, the resizing and the post-processing.
+is what torchvision's detectors take as ``backbone``; they own the heads, the losses, the resizing and
+the post-processing. Mask R-CNN and Faster R-CNN are built with mmdetection's arithmetic
+(detection/mmdet_heads.py), so that the released checkpoints give their published results;
+RetinaNet and FCOS are torchvision's own.
 """
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence
@@ -10,14 +12,14 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyramidNetwork,
                                                      LastLevelMaxPool, LastLevelP6P7)
 
 from models.dense import FocalNetDense, build_dense_backbone
+
+from .mmdet_heads import build_rcnn
 
 METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
@@ -69,29 +71,19 @@ def build_detector(config, num_classes: int) -> nn.Module:
     extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)
     backbone = FocalNetFPN(body, C, extra)
     classes = num_classes + 1
+    if method in TWO_STAGE:
+        # mmdetection's test path and training recipe (detection/mmdet_heads.py); a released
+        # checkpoint loads into it whole (detection/checkpoint.py).
+        return build_rcnn(method, backbone, num_classes, train_sizes=d.MIN_SIZE_TRAIN, max_size=d.MAX_SIZE,
+                          test_scale=(d.MAX_SIZE, d.MIN_SIZE_TEST), box_head_dim=d.BOX_HEAD_DIM,
+                          mask_head_dim=d.MASK_HEAD_DIM, rpn_batch_size=d.RPN_BATCH_SIZE,
+                          roi_batch_size=d.ROI_BATCH_SIZE, score_thresh=d.SCORE_THRESH,
+                          detections_per_img=d.DETECTIONS_PER_IMAGE)
     common = dict(min_size=tuple(d.MIN_SIZE_TRAIN), max_size=d.MAX_SIZE,
                   image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
-    if method in TWO_STAGE:
-        kwargs = dict(
-            common,
-            # mmdetection's RPN of the official configs: 2000 boxes per level before NMS and 1000
-            # per image after it in training; 1000 and 1000 at test time.
-            rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000,
-            rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
-            rpn_batch_size_per_image=d.RPN_BATCH_SIZE, box_batch_size_per_image=d.ROI_BATCH_SIZE,
-            box_score_thresh=d.SCORE_THRESH, box_detections_per_img=d.DETECTIONS_PER_IMAGE,
-            box_head=TwoMLPHead(C * 7 * 7, d.BOX_HEAD_DIM),
-            box_predictor=FastRCNNPredictor(d.BOX_HEAD_DIM, classes))
-        if method == 'faster_rcnn':
-            model = FasterRCNN(backbone, **kwargs)
-        else:
-            model = MaskRCNN(backbone, mask_head=MaskRCNNHeads(C, [d.MASK_HEAD_DIM] * 4, 1),
-                             mask_predictor=MaskRCNNPredictor(d.MASK_HEAD_DIM, d.MASK_HEAD_DIM, classes),
-                             **kwargs)
-    else:
-        cls = RetinaNet if method == 'retinanet' else FCOS
-        model = cls(backbone, classes, score_thresh=d.SCORE_THRESH,
-                    detections_per_img=d.DETECTIONS_PER_IMAGE, **common)
+    cls = RetinaNet if method == 'retinanet' else FCOS
+    model = cls(backbone, classes, score_thresh=d.SCORE_THRESH,
+                detections_per_img=d.DETECTIONS_PER_IMAGE, **common)
     model.transform = ResizeNormalize(d.MIN_SIZE_TRAIN, d.MIN_SIZE_TEST, d.MAX_SIZE)
     return model
 

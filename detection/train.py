@@ -32,9 +32,11 @@ from models.cost import count_params
 from models.pretrained import extract_state_dict, read_state_file
 from utils import is_distributed
 
+from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
 from .engine import BEST, RECORDED, DetectionTrainer, run_evaluation, train_one_epoch
 from .model import METHODS, build_detector, dense_backbone, has_masks
+from .recipe import decay_groups
 from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -66,6 +68,8 @@ def check_detection_config(config):
     if steps != sorted(steps) or any(not 0 < s < config.TRAIN.EPOCHS for s in steps):
         raise UserError(f'DETECTION.LR_STEPS must be increasing epochs between 1 and TRAIN.EPOCHS - 1 '
                         f'({config.TRAIN.EPOCHS - 1}); got {steps}')
+    if d.DECAY_GROUPS not in ('official', 'classification'):
+        raise UserError(f'DETECTION.DECAY_GROUPS must be official or classification; got {d.DECAY_GROUPS!r}')
     if config.TRAIN.EMA.ENABLED:
         raise UserError('TRAIN.EMA.ENABLED: python -m detection keeps no weight EMA; set it False')
     if d.METHOD == 'fcos' and d.FPN_CHANNELS % 32:
@@ -77,11 +81,15 @@ def check_detection_config(config):
             raise UserError(f'DETECTION.{key} must be positive; got {d[key]}')
 
 
-def load_backbone_weights(model: nn.Module, path: str):
+def load_backbone_weights(model: nn.Module, path: str, category_names=None):
     """ImageNet classification weights, or the backbone of an official detection checkpoint
-    (recognised by its ``backbone.*`` keys), into the detector's FocalNet; the report is logged."""
+    (recognised by its ``backbone.*`` keys), into the detector's FocalNet; a whole released Mask
+    R-CNN / Faster R-CNN (its RPN and RoI heads too) into the whole detector. The report is logged."""
     body = dense_backbone(model)
     state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if is_released_detector(state):
+        logger.info(describe(load_released_detector(model, path, category_names)))
+        return
     if any(k.startswith('backbone.') for k in state):
         report = load_dense_checkpoint(body, state)
         dropped = ', '.join(f'{n} {k}' for k, n in report['dropped'].items()) or 'nothing'
@@ -109,8 +117,9 @@ def _check_categories(entries, loaders, path: str):
 def run(args) -> int:
     config = get_config(args, require_cfg=True)
     check_detection_config(config)
-    if config.EVAL_MODE and not config.MODEL.RESUME:
-        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint>')
+    if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+        raise UserError('--eval needs the detector to evaluate: --resume <checkpoint> (or --pretrained '
+                        '<released mmdetection checkpoint>)')
     # An evaluation writes no checkpoints: no lock to hold.
     with start_run(config, args.local_rank, training=not config.EVAL_MODE) as started:
         return run_in(config, started.device, started.out)
@@ -127,11 +136,20 @@ def run_in(config, device: torch.device, out: str) -> int:
     dtype, autocast = precision(config, device)
 
     if config.EVAL_MODE:
-        state = load_checkpoint(config.MODEL.RESUME, model=model)
-        _check_categories(state['entries'], loaders, config.MODEL.RESUME)
+        source = config.MODEL.RESUME or config.MODEL.PRETRAINED
+        released = is_released_file(source)
+        if released:
+            logger.info(describe(load_released_detector(model, source, loaders.category_names)))
+        elif not config.MODEL.RESUME:
+            raise UserError(f'--eval --pretrained {source}: not a released Mask R-CNN / Faster R-CNN '
+                            f'checkpoint (no RPN and RoI heads); evaluate a whole detector')
+        else:
+            state = load_checkpoint(config.MODEL.RESUME, model=model)
+            _check_categories(state['entries'], loaders, config.MODEL.RESUME)
         metrics = run_evaluation(config, model, loaders, device, autocast)
-        record_evaluation(out, loaders.val, config.MODEL.RESUME,
-                          {**{k: metrics.get(k) for k in RECORDED if k in metrics}, 'images': metrics['images']})
+        record_evaluation(out, loaders.val, source, {'model': config.MODEL.NAME, 'released': released,
+                                                     **{k: metrics.get(k) for k in RECORDED if k in metrics},
+                                                     'images': metrics['images']})
         return 0
     return train(config, loaders, model, device, autocast, dtype, out)
 
@@ -143,11 +161,13 @@ def train(config, loaders, model, device, autocast, dtype, out) -> int:
         match_grad_layout(body, lambda m: sum(o.float().sum() for o in m(
             torch.zeros(2, 3, 64, 64, device=device))).backward())
     updates = math.ceil(loaders.steps_per_epoch / max(1, config.TRAIN.ACCUMULATION_STEPS))
+    groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY) if config.DETECTION.DECAY_GROUPS == 'official' else None
     optimizer, scheduler, scaler = build_optimization(config, model, device, dtype, lambda opt, scale: (
-        build_detection_scheduler(config, opt, updates, scale)))
+        build_detection_scheduler(config, opt, updates, scale)), groups=groups)
 
     found = resume_epochs(config, out, loaders, model=model, optimizer=optimizer, scaler=scaler,
-                          load_weights=lambda: load_backbone_weights(model, config.MODEL.PRETRAINED))
+                          load_weights=lambda: load_backbone_weights(model, config.MODEL.PRETRAINED,
+                                                                    loaders.category_names))
     if found is None:
         return 0
     resumed, position, _ = found

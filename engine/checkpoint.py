@@ -174,8 +174,10 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> dict:
     Official training checkpoints (whose config is a pickled yacs node) are read too. ``mmap`` maps
     the tensors instead of reading them (they stay tied to the file)."""
     from models.pretrained import CheckpointError, read_state_file
-    if not os.path.isfile(path):
-        raise UserError(f'checkpoint not found: {path}')
+    from data.files import file_problem
+    problem = file_problem(path, 'checkpoint')
+    if problem:
+        raise UserError(problem)
     try:
         return read_state_file(path, map_location='cpu', mmap=mmap)
     except CheckpointError as e:  # truncated, foreign or code-carrying: the message says which

@@ -63,6 +63,25 @@ def _auto_augment_ok(policy: str) -> bool:
     return True
 
 
+def _size(low: int, high: int, why: str) -> Rule:
+    """An image side in pixels, bounded both ways: a side too small for the model's strides fails in a
+    convolution, and a mistyped large one (100000) would allocate until the machine runs out of memory
+    instead of failing."""
+    return Rule(f'an integer from {low} to {high} ({why})', lambda v: _is_int(v) and low <= v <= high)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The multi-stage FocalNets reduce an image 32 times (a 4-pixel stem, three 2x downsamplings).
+_IMAGE_SIDE = _size(32, 4096, '32: the total stride of the four stages; 4096: over ten times the largest '
+                              'release resolution, 384 px, where one feature map of the first stage of '
+                              'FocalNet-T alone takes 0.4 GB per image')
+# Detection and segmentation resize whole images: the same floor, and twice the ceiling.
+_DENSE_SIDE = _size(32, 8192, '32: the total stride of the backbone; 8192: four times the largest release '
+                              'scale, 2048 px')
+
 _NAME = Rule('a non-empty name without "/" (it names a folder)',
              lambda v: v not in ('', '.', '..') and '/' not in v and os.sep not in v)
 _RATE = _within(0, 1, high_open=True)
@@ -71,7 +90,7 @@ _PROBABILITY = _within(0, 1)
 RULES: Dict[str, Rule] = {
     'DATA.BATCH_SIZE': _at_least(1),
     'DATA.DATASET': _one_of('imagenet', 'folder', 'fake'),
-    'DATA.IMG_SIZE': _at_least(1),
+    'DATA.IMG_SIZE': _IMAGE_SIDE,
     'DATA.INTERPOLATION': _one_of('bicubic', 'bilinear', 'nearest', 'lanczos', 'box', 'hamming', 'random'),
     'DATA.CACHE_MODE': _one_of('no', 'part', 'full'),
     'DATA.NUM_WORKERS': _at_least(0),
@@ -136,6 +155,31 @@ RULES: Dict[str, Rule] = {
     'DIST_TIMEOUT': _at_least(1),
     'PRINT_FREQ': _at_least(1),
     # numpy's global generator takes seeds below 2 ** 32.
+    'DETECTION.MIN_SIZE_TRAIN': _each(_DENSE_SIDE),
+    'DETECTION.MIN_SIZE_TEST': _DENSE_SIDE,
+    'DETECTION.MAX_SIZE': _DENSE_SIDE,
+    'DETECTION.CROP_RESIZE': Rule(f'an empty list (no crop) or a list of values, each {_DENSE_SIDE.allowed}',
+                                  lambda v: isinstance(v, (list, tuple)) and all(map(_DENSE_SIDE.ok, v))),
+    'DETECTION.CROP_SIZE': _each(_DENSE_SIDE, length=2),
+    'SEG.AUG.SCALE': _each(_DENSE_SIDE, length=2),
+    'SEG.AUG.CROP_SIZE': _DENSE_SIDE,
+    'SEG.TEST.SCALE': _each(_DENSE_SIDE, length=2),
+    'SEG.TEST.CROP_SIZE': _DENSE_SIDE,
+    'SEG.TEST.STRIDE': _at_least(1),
+    # The probabilities and rates of the dense tasks: NaN would pass every comparison silently
+    # (a flip probability of NaN never flips).
+    'DETECTION.HFLIP': _PROBABILITY,
+    'DETECTION.SCORE_THRESH': _PROBABILITY,
+    'DETECTION.WARMUP_ITERS': _at_least(0),
+    'SEG.HEAD.DROPOUT': _RATE,
+    'SEG.HEAD.AUX_WEIGHT': _at_least(0, 'a number'),
+    'SEG.TRAIN.WARMUP_ITERS': _at_least(0),
+    'SEG.TRAIN.POLY_POWER': _at_least(0, 'a number'),
+    'SEG.AUG.RATIO_RANGE': _each(_above(0), length=2),
+    'SEG.AUG.CAT_MAX_RATIO': Rule('a number in (0, 1]', lambda v: _number(v) and 0 < v <= 1),
+    'SEG.AUG.FLIP': _PROBABILITY,
+    'SEG.TEST.RATIOS': _each(_above(0)),
+    'SEG.TEST.AUG_RATIOS': _each(_above(0)),
     'SEED': Rule(f'an integer from 0 to {2 ** 32 - 1}', lambda v: 0 <= v < 2 ** 32),
 }
 

@@ -115,8 +115,10 @@ def _coerce(key: str, value, default):
 def _read_yaml(path: str) -> dict:
     if os.path.isdir(path):
         raise UserError(f'config file {path} is a folder; give a .yaml file')
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f'config file not found: {path}')
+    if not os.path.isfile(path):  # opening a FIFO would wait for a writer for ever
+        raise UserError(f'config file {path} is not a regular file (a FIFO, socket or device)')
     try:
         with open(path, encoding='utf-8') as f:
             data = yaml.safe_load(f)

@@ -1,17 +1,44 @@
 """metrics.jsonl: one JSON record per line, appended durably; a resumed run rewrites its future. And
-the TensorBoard writer beside it."""
+the TensorBoard writer beside it.
+
+Every line is strict JSON: Python's json writes NaN and Infinity, which JSON does not have and most
+readers (jq, JavaScript, pandas with the default engine) reject. An undefined value (the mIoU of a
+set whose labels are all ignored, the loss of an interval without steps) is written as null, and the
+log names the keys.
+"""
 import json
+import logging
+import math
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from utils import get_rank
 
+logger = logging.getLogger('focalnet')
+
+
+def strict_json(value, undefined: List[str], key: str = ''):
+    """``value`` with every non-finite float replaced by None; the keys replaced go to ``undefined``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        undefined.append(key or '(value)')
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, undefined, f'{key}.{k}' if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, undefined, f'{key}[{i}]') for i, v in enumerate(value)]
+    return value
+
 
 def append_metrics(path: str, record: dict):
+    undefined: List[str] = []
+    line = json.dumps(strict_json(record, undefined), allow_nan=False)
+    if undefined:
+        logger.warning(f'{os.path.basename(path)}: {", ".join(undefined)} undefined (NaN or infinite); '
+                       f'recorded as null')
     try:
         with open(path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+            f.write(line + '\n')
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # name the file (a failed write alone does not): "no space left ... for <path>"

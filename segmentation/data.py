@@ -13,6 +13,7 @@ Damaged files are handled as for classification (data/robust.py): the first one 
 it, or, with DATA.SKIP_CORRUPT, it is skipped and reported. A label map that is not one (colour pixels,
 another size than its image) counts as damaged.
 """
+import logging
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -22,6 +23,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 
+from data.files import check_pixels, not_regular, open_regular
+from data.images import upright_size
 from data.robust import (CorruptImageError, DataError, SkipReportingLoader, collate_with_problems,
                          open_image)
 from data.workers import worker_count
@@ -29,6 +32,8 @@ from engine.seed import seed_worker
 from utils import get_rank, get_world_size
 
 from .transforms import IGNORE_INDEX
+
+logger = logging.getLogger('focalnet')
 
 SPLITS = {'train': 'training', 'val': 'validation'}
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
@@ -40,19 +45,30 @@ def _seed(*keys: int) -> int:
 
 def open_label(path: str) -> np.ndarray:
     """A label map as an (H, W) uint8 array of class indices. A file that is not one (a colour image,
-    a damaged file) is reported like a damaged image, naming it and why."""
+    a damaged file, a FIFO, one of more than data.files.MAX_PIXELS pixels) is reported like a damaged
+    image, naming it and why."""
     try:
-        with Image.open(path) as img:
+        with open_regular(path) as f, Image.open(f) as img:
+            too_large = check_pixels(img, path, 'label map')
+            if too_large:
+                raise CorruptImageError(path, too_large)
             img.load()
             mode = img.mode
             label = np.array(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise CorruptImageError(path, reason) from None
-    if mode not in ('L', 'P'):
-        raise CorruptImageError(path, f'a label map must hold one class index per pixel (an 8-bit '
-                                      f'grayscale or palette PNG, as in ADEChallengeData2016), not {mode} pixels')
+    if mode not in LABEL_MODES:
+        raise CorruptImageError(path, _label_mode_problem(mode))
     return label
+
+
+LABEL_MODES = ('L', 'P')
+
+
+def _label_mode_problem(mode: str) -> str:
+    return (f'a label map must hold one class index per pixel (an 8-bit grayscale or palette PNG, as in '
+            f'ADEChallengeData2016), not {mode} pixels')
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -63,7 +79,9 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
 
 
 def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
-    """(image, label map) paths of ``split`` ('train' or 'val'), sorted by name."""
+    """(image, label map) paths of ``split`` ('train' or 'val'), sorted by name. Names with an image
+    extension that are not regular files (FIFOs, devices, folders) are passed over with a warning; an
+    image without its label map, or a label map that is not a regular file, is an error naming it."""
     if not os.path.isdir(root):
         raise DataError(f'data folder not found: {root} (expected images/{{training,validation}} and '
                         f'annotations/{{training,validation}} under it, as ADEChallengeData2016)')
@@ -73,17 +91,77 @@ def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
         if not os.path.isdir(folder):
             raise DataError(f'{folder} not found; an ADE20K-layout data set has images/{SPLITS[split]} '
                             f'and annotations/{SPLITS[split]} under {root}')
-    names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+    names, passed_over = [], []
+    for name in sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS)):
+        problem = not_regular(os.path.join(image_dir, name))
+        (passed_over.append(f'{name} ({problem})') if problem else names.append(name))
+    if passed_over:
+        logger.warning(f'{image_dir}: passing over {len(passed_over)} name(s) with an image extension that '
+                       f'are not regular files: {_listing(passed_over)}')
     if not names:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {image_dir}')
     pairs = [(os.path.join(image_dir, n), os.path.join(label_dir, os.path.splitext(n)[0] + '.png'))
              for n in names]
-    missing = [label for _, label in pairs if not os.path.isfile(label)]
-    if missing:
-        more = f' and {len(missing) - 3} more' if len(missing) > 3 else ''
-        raise DataError(f'{len(missing)} image(s) of {image_dir} have no label map: '
-                        f'{", ".join(missing[:3])}{more}')
+    unusable = [(label, not_regular(label)) for _, label in pairs]
+    unusable = [f'{label} ({"missing" if problem == "not found" else problem})'
+                for label, problem in unusable if problem]
+    if unusable:
+        raise DataError(f'{len(unusable)} image(s) of {image_dir} have no readable label map: '
+                        f'{_listing(unusable, 3)}')
+    labelled = {os.path.splitext(n)[0] for n in names}
+    orphans = sorted(f for f in os.listdir(label_dir) if f.endswith('.png') and f[:-4] not in labelled)
+    if orphans:
+        logger.warning(f'{label_dir}: {len(orphans)} label map(s) without an image in {image_dir} are '
+                       f'not used: {_listing(orphans)}')
     return pairs
+
+
+def _listing(items: Sequence[str], shown: int = 10) -> str:
+    more = f' and {len(items) - shown} more' if len(items) > shown else ''
+    return ', '.join(items[:shown]) + more
+
+
+def pair_problem(image_path: str, label_path: str) -> Optional[Tuple[str, str]]:
+    """(path, reason) of what makes a pair unusable, read from the two files' headers only (no pixel
+    is decoded): an unreadable header, too many pixels, a label map that is not single-channel, sizes
+    that differ. None for a pair that passes."""
+    sizes = []
+    for path, what in ((image_path, 'image'), (label_path, 'label map')):
+        try:
+            with open_regular(path) as f, Image.open(f) as img:
+                sizes.append(upright_size(img) if what == 'image' else img.size)
+                problem = check_pixels(img, path, what)
+                if problem is None and what == 'label map' and img.mode not in LABEL_MODES:
+                    problem = _label_mode_problem(img.mode)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            problem = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        if problem:
+            return path, problem
+    (iw, ih), (lw, lh) = sizes
+    if (iw, ih) != (lw, lh):
+        return label_path, f'the label map is {lw}x{lh} but its image {image_path} is {iw}x{ih}'
+    return None
+
+
+def check_pairs(pairs: List[Tuple[str, str]], skip_corrupt: bool, where: str) -> List[Tuple[str, str]]:
+    """The pairs whose headers pass :func:`pair_problem`, checked before any work. A failing pair
+    stops the run, naming the file and the problem (with the number of others), unless
+    ``skip_corrupt``: then it is left out and counted in the log."""
+    kept, problems = [], []
+    for image_path, label_path in pairs:
+        problem = pair_problem(image_path, label_path)
+        (problems.append(problem) if problem else kept.append((image_path, label_path)))
+    if problems and not skip_corrupt:
+        others = f' ({len(problems) - 1} other pair(s) fail too)' if len(problems) > 1 else ''
+        raise CorruptImageError(*problems[0], hint=f'{others} (set DATA.SKIP_CORRUPT True to skip such pairs)')
+    if problems:
+        logger.warning(f'{where}: leaving out {len(problems)} of {len(pairs)} image/label pair(s) that '
+                       f'cannot be used: ' + '; '.join(f'{p}: {r}' for p, r in problems[:5])
+                       + (f' and {len(problems) - 5} more' if len(problems) > 5 else ''))
+    if not kept:
+        raise DataError(f'{where}: no usable image/label pair: all {len(pairs)} fail, for example '
+                        f'{problems[0][0]}: {problems[0][1]}')
+    return kept
 
 
 class ADE20K(Dataset):
@@ -103,7 +181,7 @@ class ADE20K(Dataset):
     def __init__(self, root: str, split: str, transform: Optional[Callable] = None, *,
                  reduce_zero_label: bool = True, skip_corrupt: bool = False, refill: bool = True,
                  seed: int = 0):
-        self.pairs = list_pairs(root, split)
+        self.pairs = check_pairs(list_pairs(root, split), skip_corrupt, f'{root} ({SPLITS[split]})')
         self.transform, self.reduce_zero_label = transform, reduce_zero_label
         self.skip_corrupt, self.refill, self.seed = skip_corrupt, refill, seed
 

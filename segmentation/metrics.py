@@ -6,11 +6,14 @@ per class. A class with no pixel in either the predictions or the ground truth h
 is left out of the mean, as is a class absent from the ground truth from mAcc. aAcc is the share of all
 labelled pixels predicted right. Pixels labelled ``ignore_index`` count nowhere.
 """
+import logging
 from typing import Dict
 
 import torch
 
 from utils import all_reduce_sum
+
+logger = logging.getLogger('focalnet')
 
 
 class SegmentationMetric:
@@ -36,6 +39,10 @@ class SegmentationMetric:
         """{'miou', 'macc', 'aacc'} in percent, and per-class 'iou' and 'acc' lists (None where
         undefined), summed over all processes."""
         intersect, area_pred, area_label = all_reduce_sum(self.areas).cpu()
+        if area_label.sum() == 0:
+            logger.warning('mIoU, mAcc and aAcc are undefined: no pixel of the validation labels counts '
+                           f'(every one is ignored: {self.ignore_index}, or 0 with SEG.REDUCE_ZERO_LABEL); '
+                           'they are recorded as null')
         union = area_pred + area_label - intersect
         iou = intersect / union            # nan where the class is in neither
         acc = intersect / area_label       # nan where the class is not in the ground truth

@@ -162,8 +162,14 @@ BAD_VALUES = [
     ('DATA.BATCH_SIZE', '0', 'an integer >= 1'),
     ('DATA.BATCH_SIZE', '32.5', 'an integer >= 1'),
     ('DATA.BATCH_SIZE', 'True', 'an integer >= 1'),
-    ('DATA.IMG_SIZE', '-224', 'an integer >= 1'),
-    ('DATA.IMG_SIZE', 'None', 'an integer >= 1'),
+    ('DATA.IMG_SIZE', '-224', 'an integer from 32 to 4096 (32: the total stride'),
+    ('DATA.IMG_SIZE', 'None', 'an integer from 32 to 4096'),
+    ('DATA.IMG_SIZE', '31', 'an integer from 32 to 4096'),
+    ('DATA.IMG_SIZE', '100000', 'an integer from 32 to 4096'),
+    ('SEG.AUG.CROP_SIZE', '16', 'an integer from 32 to 8192'),
+    ('SEG.TEST.SCALE', '[100000, 512]', 'a list of 2 values, each an integer from 32 to 8192'),
+    ('DETECTION.MAX_SIZE', '50000', 'an integer from 32 to 8192'),
+    ('DETECTION.MIN_SIZE_TRAIN', '[800, 8]', 'each an integer from 32 to 8192'),
     ('DATA.NUM_WORKERS', '-1', 'an integer >= 0'),
     ('DATA.INTERPOLATION', 'cubic', 'one of bicubic, bilinear'),
     ('DATA.FAKE_SIZE', '0', 'an integer >= 1'),
@@ -294,13 +300,13 @@ def test_sections_without_rules_are_type_checked_only():
     original = cfg._C
     try:
         extended = original.clone()
-        extended.DETECTION = CN()
-        extended.DETECTION.SCORE_THRESH = 0.05
+        extended.EXTRA = CN()
+        extended.EXTRA.SCORE_THRESH = 0.05
         cfg._C = extended
-        c = cfg.load_config(None, ['DETECTION.SCORE_THRESH', '1'])
-        assert c.DETECTION.SCORE_THRESH == 1.0
-        with pytest.raises(UserError, match=r"DETECTION.SCORE_THRESH must be a number; got 'x'"):
-            cfg.load_config(None, ['DETECTION.SCORE_THRESH', 'x'])
+        c = cfg.load_config(None, ['EXTRA.SCORE_THRESH', '1'])
+        assert c.EXTRA.SCORE_THRESH == 1.0
+        with pytest.raises(UserError, match=r"EXTRA.SCORE_THRESH must be a number; got 'x'"):
+            cfg.load_config(None, ['EXTRA.SCORE_THRESH', 'x'])
     finally:
         cfg._C = original
 

@@ -151,9 +151,9 @@ def test_zip_layout(tmp_path):
     image, target = ds[3]
     assert target == 1 and image.getpixel((0, 0)) == (180, 0, 0)
     # What --zip reads: the same files through the data set builder, with the transform applied.
-    c = cfg.load_config(None, ['DATA.DATA_PATH', str(tmp_path), 'DATA.ZIP_MODE', 'True', 'DATA.IMG_SIZE', '8'])
+    c = cfg.load_config(None, ['DATA.DATA_PATH', str(tmp_path), 'DATA.ZIP_MODE', 'True', 'DATA.IMG_SIZE', '32'])
     built, num_classes = build_dataset('train', c, build_transform(False, c))
-    assert num_classes == 2 and built[3][0].shape == (3, 8, 8) and built[3][1] == 1
+    assert num_classes == 2 and built[3][0].shape == (3, 32, 32) and built[3][1] == 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -128,4 +128,8 @@ def test_export_command_mistakes_are_one_line(tmp_path, capsys):
     assert 'focalnet_tiny_sfr' in capsys.readouterr().err
     assert export_tool.main(['--model', 'focalnet_tiny_srf', '--output', str(tmp_path / 'm.onnx'),
                              '--img-size', '16'] + SMALL_OPTS) == 2
+    assert '--img-size must be an integer from 32 to 4096' in capsys.readouterr().err
+    # A patch of 64 pixels makes the total stride 512: larger than a 256 px export.
+    assert export_tool.main(['--model', 'focalnet_tiny_srf', '--output', str(tmp_path / 'm.onnx'),
+                             '--img-size', '256'] + SMALL_OPTS + ['MODEL.FOCAL.PATCH_SIZE', '64']) == 2
     assert 'smaller than the model' in capsys.readouterr().err

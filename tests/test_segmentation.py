@@ -491,7 +491,10 @@ def test_user_mistakes_are_one_line_errors(ade, tmp_path, capsys):
     bad = make_ade(tmp_path / 'bad', n_train=4, n_val=2, seed=1)
     label = bad / 'annotations' / 'validation' / 'ADE_validation_00000001.png'
     Image.open(label).convert('RGB').save(label)
+    # The pairs are checked before any work, the weights to evaluate included.
     code, err = _error_of(['--data-path', str(bad), '--eval', '--resume', str(tmp_path / 'x.pth'), *base], capsys)
+    assert code == 2 and '\n' not in err and 'ADE_validation_00000001.png' in err and 'not RGB pixels' in err
+    code, err = _error_of(['--data-path', str(ade), '--eval', '--resume', str(tmp_path / 'x.pth'), *base], capsys)
     assert code == 2 and '\n' not in err and err.endswith('x.pth: checkpoint file not found')
     code, err = _error_of(['--data-path', str(bad), *base, 'DATA.BATCH_SIZE', '2', 'SEG.TRAIN.ITERS', '1'], capsys)
     assert code == 2 and '\n' not in err and 'ADE_validation_00000001.png' in err and 'not RGB pixels' in err

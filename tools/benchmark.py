@@ -360,11 +360,40 @@ def run_table(args, device) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+def released_evaluations(paths) -> Dict[str, dict]:
+    """The evaluations of released checkpoints (``python -m detection --eval --pretrained <file>``
+    records {'mode': 'eval', 'model': <MODEL.NAME>, 'checkpoint', 'bbox_ap', 'segm_ap', ...} in its
+    metrics.jsonl), by model name; the last record of a name wins."""
+    found = {}
+    for path in paths or ():
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UsageError(f'--released-evals {path}: cannot read it ({e.strerror})') from None
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f'--released-evals {path}: line {number} is not JSON') from None
+            if record.get('mode') == 'eval' and record.get('model') and record.get('released'):
+                found[record['model']] = record
+    return found
+
+
+def _ours(evals: Dict[str, dict], name: str) -> Tuple[Optional[float], Optional[float], str]:
+    record = evals.get(name)
+    if record is None:
+        return None, None, ''
+    return record.get('bbox_ap'), record.get('segm_ap'), record.get('checkpoint', '')
+
+
 def run_detection_table(args, device) -> Tuple[List[dict], List[str]]:
-    """Parameters and FLOPs of the Mask R-CNN rows of the official README's detection table."""
+    """Parameters and FLOPs of the Mask R-CNN rows of the official README's detection table, and
+    their box / mask mAP: the paper's, and ours where a released checkpoint was evaluated here."""
     from config import load_config
     from detection.cost import PAPER_MASK_RCNN, detector_cost
     env = environment(device)
+    evals = released_evaluations(args.released_evals)
     rows = []
     for name, paper in PAPER_MASK_RCNN.items():
         log(f'[table detection] {name}')
@@ -377,17 +406,31 @@ def run_detection_table(args, device) -> Tuple[List[dict], List[str]]:
                          paper_box_map_1x=paper['box_map'][0], paper_mask_map_1x=paper['mask_map'][0],
                          paper_box_map_3x=paper['box_map'][1], paper_mask_map_3x=paper['mask_map'][1],
                          commit=env['commit']))
+        for schedule in ('1x', '3x'):
+            box, mask, checkpoint = _ours(evals, f'{name}_{schedule}')
+            rows[-1].update({f'ours_box_map_{schedule}': box, f'ours_mask_map_{schedule}': mask,
+                             f'ours_checkpoint_{schedule}': checkpoint or None})
     lines = [f'commit {env["commit"]}. Mask R-CNN (torchvision) with FPN, 80 classes, at 1280x800; FLOPs are '
              'multiply-adds with the box head on 1000 RoIs and the mask head on 100, as mmdetection\'s '
-             'get_flops runs it. Paper: the official FocalNet README (mmdetection).', '',
+             'get_flops runs it. Paper: the official FocalNet README (mmdetection). Ours: COCO val2017 '
+             'bbox / segm AP of the released checkpoint evaluated here with python -m detection --eval '
+             '--pretrained <file> (records given by --released-evals); "-" where none was evaluated.', '',
              '| backbone | kernels | params (M) | paper | GFLOPs | paper | backbone params (M) | '
-             'backbone GFLOPs | box / mask mAP 1x (paper) | 3x (paper) |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+             'backbone GFLOPs | box / mask mAP 1x (paper) | ours | 3x (paper) | ours |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+
+    def ours(r, schedule):
+        box, mask = r[f'ours_box_map_{schedule}'], r[f'ours_mask_map_{schedule}']
+        return '-' if box is None else f'{box:.1f} / {mask:.1f}' if mask is not None else f'{box:.1f} / -'
     for r in rows:
         lines.append(f'| {r["config"]} | {r["kernels"]} | {r["params_m"]:.1f} | {r["paper_params_m"]:.1f} | '
                      f'{r["gflops"]:.0f} | {r["paper_gflops"]:.0f} | {r["backbone_params_m"]:.2f} | '
                      f'{r["backbone_gflops"]:.1f} | {r["paper_box_map_1x"]} / {r["paper_mask_map_1x"]} | '
-                     f'{r["paper_box_map_3x"]} / {r["paper_mask_map_3x"]} |')
+                     f'{ours(r, "1x")} | {r["paper_box_map_3x"]} / {r["paper_mask_map_3x"]} | {ours(r, "3x")} |')
+    if not evals:
+        lines += ['', 'No released checkpoint has been evaluated here (none can be downloaded in this '
+                  'environment): the "ours" columns are empty until --released-evals names the metrics.jsonl '
+                  'of such evaluations.']
     return rows, lines
 
 
@@ -470,6 +513,9 @@ def parse_args(argv=None):
                            'at 1280x800) or segmentation (ADE20K UPerNet)')
     what.add_argument('--compare', choices=sorted(TWINS), help='time ours against another implementation')
     p.add_argument('--throughput', action='store_true', help='with --table: measure inference images/s')
+    p.add_argument('--released-evals', nargs='+', metavar='JSONL',
+                   help='with --table detection: metrics.jsonl files of python -m detection --eval '
+                        '--pretrained <released checkpoint> runs, for the "ours" mAP columns')
     p.add_argument('--models', nargs='+', help='model names (default: the nine ImageNet-1K models; '
                                                 'with --compare, focalnet_tiny_srf)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -507,6 +553,15 @@ def parse_args(argv=None):
     for opt in ('batch_size', 'img_size', 'iters', 'rounds'):
         if getattr(args, opt) < 1:
             raise UsageError(f'--{opt.replace("_", "-")} must be at least 1, got {getattr(args, opt)}')
+    if not 32 <= args.img_size <= 4096:  # DATA.IMG_SIZE's range (config.py)
+        raise UsageError(f'--img-size must be from 32 to 4096, got {args.img_size}')
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise UsageError(f'--warmup must be 0 or more and --threads at least 1; got {args.warmup}, {args.threads}')
+    if not 0 <= args.drop_path < 1:  # False for NaN too
+        raise UsageError(f'--drop-path must be in [0, 1), got {args.drop_path}')
+    for flag in ('json', 'markdown'):  # written at the end: checked before the timing starts
+        if getattr(args, flag) is not None and getattr(args, flag).is_dir():
+            raise UsageError(f'--{flag} {getattr(args, flag)} is a folder; give a file name')
     if args.clock == 'cpu' and args.device.startswith('cuda'):
         raise UsageError('--clock cpu times CPU work; CUDA runs use the wall clock')
     if args.throughput and args.table != 'imagenet':

@@ -19,6 +19,7 @@ the batch is dynamic); the command fails when the relative error exceeds ``--tol
 """
 import argparse
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -38,6 +39,12 @@ logger = logging.getLogger('focalnet.export')
 FORMATS = ('onnx', 'export', 'torchscript')
 SUFFIXES = {'onnx': '.onnx', 'export': '.pt2', 'torchscript': '.pt'}
 INPUT, OUTPUT = 'images', 'logits'
+# ONNX opsets --opset may ask for. torch.onnx writes opset 18 natively and converts the graph to
+# another with onnx's version converter, which fails (and leaves opset 18 written) below 18 and, with
+# onnx 1.19's converter, above 25 (FocalNet's Gelu). The written opset is checked after export too.
+OPSETS = range(18, 26)
+# The largest example batch: the check runs the model on it twice, in PyTorch and in the runtime.
+MAX_BATCH = 1024
 
 
 class CheckFailed(RuntimeError):
@@ -77,6 +84,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_bat
         torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=[INPUT],
                           output_names=[OUTPUT], dynamic_shapes=_batch_dim(dynamic_batch),
                           external_data=weight_bytes > 1.8e9, verbose=False, report=False, **kwargs)
+    if opset is not None:
+        import onnx
+        written = [o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                   if o.domain in ('', 'ai.onnx')]
+        if written != [opset]:
+            raise UserError(f'--opset {opset}: the exporter could not convert the graph and wrote opset '
+                            f'{written[0] if written else "?"} to {path}; use an opset it reaches')
     return path
 
 
@@ -183,21 +197,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> Path:
+    """The numeric flags in range and the output writable, before the model is built; the output."""
+    from tools.loading import check_img_size
+    from tools.outputs import check_output_file
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise UserError(f'--batch-size must be from 1 to {MAX_BATCH}; got {args.batch_size}')
+    if args.img_size is not None:
+        if len(args.img_size) > 2:
+            raise UserError(f'--img-size takes H [W]; got {" ".join(map(str, args.img_size))}')
+        for side in args.img_size:
+            check_img_size(side)
+    if args.opset is not None and args.format != 'onnx':
+        raise UserError(f'--opset is for --format onnx; got --format {args.format}')
+    if args.opset is not None and args.opset not in OPSETS:
+        raise UserError(f'--opset must be from {OPSETS[0]} to {OPSETS[-1]} (18: what the exporter writes '
+                        f'natively; {OPSETS[-1]}: the newest its converter reaches); got {args.opset}')
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise UserError(f'--tolerance must be a finite number >= 0 (a relative error); got {args.tolerance}')
+    return check_output_file(args.output, '--output')
+
+
 def run(args: argparse.Namespace) -> dict:
     from tools.loading import load_model
+    output = check_flags(args)
     config, model, _ = load_model(args.cfg, args.model, args.checkpoint, args.opts)
-    if args.batch_size < 1:
-        raise UserError(f'--batch-size must be positive; got {args.batch_size}')
     size = args.img_size or [config.DATA.IMG_SIZE]
-    if len(size) > 2 or min(size) < 1:
-        raise UserError(f'--img-size takes H [W], positive; got {" ".join(map(str, size))}')
     size = (size[0], size[-1])
     if min(size) < model.strides[-1]:
         raise UserError(f'--img-size {size[0]} {size[1]} is smaller than the model\'s total stride '
                         f'{model.strides[-1]}')
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise UserError(f'output folder not found: {output.parent}')
     if output.suffix != SUFFIXES[args.format]:
         logger.warning('%s: %s files usually end in %s', output, args.format, SUFFIXES[args.format])
 

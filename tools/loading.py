@@ -10,6 +10,7 @@ import torch
 from yacs.config import CfgNode
 
 from config import load_config
+from data.files import file_problem
 from errors import UserError
 from models import FocalNet, build_model, list_models, load_pretrained
 from models.pretrained import CheckpointError, convert_state_dict, read_state_file
@@ -29,6 +30,14 @@ def device_from_flag(name: str, flag: str = '--device') -> torch.device:
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UserError(f'{flag} {name}: CUDA is not available on this machine')
     return device
+
+
+def check_img_size(value: Optional[int], flag: str = '--img-size'):
+    """A resolution flag held to DATA.IMG_SIZE's range, named as the flag the user typed."""
+    from engine.config_checks import RULES
+    rule = RULES['DATA.IMG_SIZE']
+    if value is not None and not rule.ok(value):
+        raise UserError(f'{flag} must be {rule.allowed}; got {value}')
 
 
 def config_path(cfg: Optional[str], model: Optional[str]) -> str:
@@ -72,8 +81,8 @@ def load_model(cfg: Optional[str], model: Optional[str], checkpoint: Optional[st
         raise UserError(f'--opts takes KEY VALUE pairs; got {len(opts)} words: {" ".join(opts)}')
     path = config_path(cfg, model)
     config = load_config(path, opts)
-    if checkpoint and not Path(checkpoint).is_file():
-        raise UserError(f'checkpoint not found: {checkpoint}')
+    if checkpoint and file_problem(checkpoint, 'checkpoint'):
+        raise UserError(file_problem(checkpoint, 'checkpoint'))
     if checkpoint and not _sets(opts, 'MODEL.NUM_CLASSES'):
         classes = checkpoint_classes(checkpoint)
         if classes is not None and classes != config.MODEL.NUM_CLASSES:

@@ -16,6 +16,7 @@ import csv
 import glob
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data import build_transform
+from data.files import not_regular, open_regular
 from errors import UserError
 
 logger = logging.getLogger('focalnet.predict')
@@ -37,37 +39,59 @@ logger = logging.getLogger('focalnet.predict')
 # line are tried whatever their extension.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 SUBSETS = ('imagenet-1k', 'imagenet-22k-ms', 'imagenet-22k')
+# A file of class names larger than this is not one (ImageNet-22K's names take 0.4 MB).
+MAX_LABELS_BYTES = 16 * 2 ** 20
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
 
-def _images_in(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _images_in(folder: Path, passed_over: List[str]) -> List[Path]:
+    images = []
+    for p in sorted(folder.rglob('*')):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or p.is_dir():
+            continue
+        problem = not_regular(str(p))
+        (passed_over.append(f'{p} ({problem})') if problem else images.append(p))
+    return images
 
 
 def collect_images(inputs: Sequence[str]) -> Tuple[List[Path], bool]:
-    """(image files, whether a folder or pattern was given) for files, folders and glob patterns."""
+    """(image files, whether a folder or pattern was given) for files, folders and glob patterns.
+    A FIFO, socket or device (which would block or never end when read) is never opened: named on
+    the command line it is an error; found in a folder or by a pattern it is passed over, with a
+    warning naming it."""
     found: List[Path] = []
+    passed_over: List[str] = []
     searched = False
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             searched = True
-            images = _images_in(path)
+            images = _images_in(path, passed_over)
             if not images:
                 logger.warning('%s: no image files (%s) in this folder', item, ', '.join(IMAGE_EXTENSIONS))
             found += images
         elif path.is_file():
             found.append(path)
+        elif os.path.lexists(path):
+            raise UserError(f'{item} is {not_regular(item)}, not an image file')
         elif glob.has_magic(item):
             searched = True
             matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))]
             if not matches:
                 raise UserError(f'no file matches {item}')
             for match in matches:
-                found += _images_in(match) if match.is_dir() else [match]
+                if match.is_dir():
+                    found += _images_in(match, passed_over)
+                elif not_regular(str(match)):
+                    passed_over.append(f'{match} ({not_regular(str(match))})')
+                else:
+                    found.append(match)
         else:
             raise UserError(f'image file or folder not found: {item}')
+    if passed_over:
+        shown = ', '.join(passed_over[:10]) + (f' and {len(passed_over) - 10} more' if len(passed_over) > 10 else '')
+        logger.warning('passing over %d name(s) that are not regular files: %s', len(passed_over), shown)
     unique = list(dict.fromkeys(found))
     if not unique:
         raise UserError(f'no images to predict in {" ".join(inputs)}')
@@ -85,11 +109,13 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            with Image.open(self.paths[index]) as image:
+            # open_regular: a file replaced by a FIFO since it was listed fails instead of blocking.
+            with open_regular(str(self.paths[index])) as f, Image.open(f) as image:
                 image = image.convert('RGB')  # decodes the whole file: truncation shows here
             return index, self.transform(image), ''
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return index, None, f'{type(e).__name__}: {e}'
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f'{type(e).__name__}: {e}'
+            return index, None, reason
 
 
 def _collate(items):
@@ -121,13 +147,36 @@ def class_names(num_classes: int, labels: str = 'auto') -> Tuple[Optional[List[T
                             f'{num_classes}')
         return list(zip(info.label_names(), info.label_descriptions())), labels
     path = Path(labels)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise UserError(f'--labels must be auto, none, {", ".join(SUBSETS)} or a file with one class '
                         f'name per line; {labels} is none of these')
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = read_names(labels)
     if len(names) != num_classes:
         raise UserError(f'{labels} holds {len(names)} class names; the model has {num_classes} classes')
     return [(name, name) for name in names], str(path)
+
+
+def read_names(path: str) -> List[str]:
+    """The non-empty lines of a class-name file: UTF-8 text, a regular file."""
+    problem = not_regular(path)
+    if problem is not None:
+        raise UserError(f'--labels {path} is {problem}, not a file of class names')
+    try:
+        with open_regular(path) as f:
+            data = f.read(MAX_LABELS_BYTES + 1)
+    except OSError as e:
+        raise UserError(f'--labels {path}: cannot read it: {e.strerror or e}') from None
+    if len(data) > MAX_LABELS_BYTES:
+        raise UserError(f'--labels {path} is over {MAX_LABELS_BYTES // 2 ** 20} MB; a file of class names '
+                        f'is a few hundred kilobytes even for 22K classes')
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise UserError(f'--labels {path} is not a text file of class names (not UTF-8 at byte '
+                        f'{e.start})') from None
+    if '\x00' in text:
+        raise UserError(f'--labels {path} is not a text file of class names (it holds NUL bytes)')
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # ---- prediction -------------------------------------------------------------------------------------
@@ -189,11 +238,11 @@ def _write(target: str, write):
     if target == '-':
         write(sys.stdout)
         return
-    path = Path(target)
-    if not path.parent.is_dir():
-        raise UserError(f'output folder not found: {path.parent}')
-    with open(path, 'w', newline='') as f:
-        write(f)
+    try:
+        with open(target, 'w', newline='') as f:
+            write(f)
+    except OSError as e:  # checked before the work; a disk can still fill up since
+        raise UserError(f'cannot write {target}: {e.strerror or e}') from None
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -225,14 +274,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> Tuple[List[dict], List[dict]]:
-    from tools.loading import device_from_flag, load_model, opts_from_flags
+    from tools.loading import check_img_size, device_from_flag, load_model, opts_from_flags
+    from tools.outputs import check_output_file
     for flag in ('topk', 'batch_size'):
         if getattr(args, flag) < 1:
             raise UserError(f'--{flag.replace("_", "-")} must be positive; got {getattr(args, flag)}')
     if args.workers < 0:
         raise UserError(f'--workers must be 0 or more; got {args.workers}')
+    check_img_size(args.img_size)
     if args.json == '-' and args.csv == '-':
         raise UserError('--json - and --csv - cannot both write to stdout')
+    # Where the results go is checked before any image is read: nothing computed is lost to a typo.
+    for flag in ('json', 'csv'):
+        if getattr(args, flag):
+            check_output_file(getattr(args, flag), f'--{flag}')
     device_from_flag(args.device)  # a bad --device is named before anything is read
     paths, searched = collect_images(args.images)
     config, model, _ = load_model(args.cfg, args.model, args.checkpoint,

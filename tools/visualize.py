@@ -50,11 +50,13 @@ from torchvision import transforms as T
 
 from config import load_config
 from data import build_transform
+from data.files import not_regular
 from data.robust import open_image
 from errors import UserError
 from models import FocalNet, build_model, load_pretrained
 from models.pretrained import CheckpointError
-from tools.loading import device_from_flag
+from tools.loading import check_img_size, device_from_flag
+from tools.outputs import check_output_folder
 
 logger = logging.getLogger('focalnet.visualize')
 
@@ -314,8 +316,10 @@ def load_images(paths: Sequence[str], transform) -> Tuple[torch.Tensor, List[np.
     picture the maps belong to.
     """
     for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f'image not found: {path}')
+        problem = not_regular(path)
+        if problem is not None:
+            raise UserError(f'image not found: {path}' if problem == 'not found'
+                            else f'--image {path} is {problem}, not an image file')
     # Decoded as in training and evaluation (any mode, EXIF orientation applied); an unreadable file
     # is a one-line error naming it.
     return prepare_images([open_image(path) for path in paths], transform)
@@ -426,7 +430,9 @@ def run(args: argparse.Namespace) -> Dict[str, Path]:
         raise UserError(f'--channels must be at least 1, got {args.channels}')
     if args.cmap not in matplotlib.colormaps:
         raise UserError(f'unknown colormap {args.cmap!r}; see matplotlib.colormaps')
+    check_img_size(args.img_size)
     device = device_from_flag(args.device)
+    check_output_folder(args.output, '--output')  # before the model is built and run
     _, model, transform = build(args)
     model = model.to(device).eval()
     images, display = load_images(args.image, transform)

@@ -9,6 +9,7 @@ can never quietly use something this shim does not really provide.
 
 Call ``install()`` before the first ``import mmcv.ops`` / ``import mmdet.models``.
 """
+import importlib.machinery
 import sys
 import types
 
@@ -62,6 +63,9 @@ def install():
     if existing is not None:
         return existing
     module = types.ModuleType('mmcv._ext')
+    # A spec without a loader: importlib.util.find_spec works on it, and mmengine's
+    # mmcv_full_available() (pkgutil.find_loader) answers False rather than raising.
+    module.__spec__ = importlib.machinery.ModuleSpec('mmcv._ext', None)
     module.__dict__.update(_PROVIDED)
     # mmcv.ops checks with hasattr() that each kernel it binds exists; answer every name.
     module.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) \
