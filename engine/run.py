@@ -110,13 +110,14 @@ def build_or_explain(build: Callable, *args, what: str):
         raise UserError(f'the config does not describe a valid {what}: {e}') from None
 
 
-def build_optimization(config, model, device, dtype, build_schedule: Callable):
+def build_optimization(config, model, device, dtype, build_schedule: Callable, groups=None):
     """(optimizer, scheduler, scaler) of a training run, the same way for every task: the rates scaled
     with the global batch (lr_scheduler.lr_scale) and logged, the task's schedule built by
-    ``build_schedule(optimizer, scale)``, a gradient scaler for float16. ``model`` is the bare model."""
+    ``build_schedule(optimizer, scale)``, a gradient scaler for float16. ``model`` is the bare model;
+    ``groups``: the task's own parameter groups (optimizer.build_optimizer)."""
     world = get_world_size()
     scale = lr_scale(config, world)
-    optimizer = build_optimizer(config, model, scale)
+    optimizer = build_optimizer(config, model, scale, groups)
     scheduler = build_schedule(optimizer, scale)
     logger.info(describe_lr(config, world))
     return optimizer, scheduler, make_scaler(device, dtype)
