@@ -44,6 +44,10 @@ _C.DATA.NUM_WORKERS = 8
 _C.DATA.SKIP_CORRUPT = False
 # Training images of the 'fake' data set (its validation set is a quarter of this).
 _C.DATA.FAKE_SIZE = 1024
+# Training images take the fast input path (data/fast_transform.py): the release recipe's random
+# draws, with a cheaper decode and resize, and normalisation and erasing on the training device.
+# False: timm's transform, as the releases ran it. Evaluation is the same either way.
+_C.DATA.FAST_PIPELINE = True
 
 # ---------------------------------------------------------------------------------------------------
 # Model
@@ -231,6 +235,9 @@ _C.SEG = CN()
 # Label files hold 0 for unlabelled pixels (ignored) and 1..N for the classes, as ADE20K: shift them to
 # 0..N-1. False: the files hold 0..N-1. The value 255 is ignored either way.
 _C.SEG.REDUCE_ZERO_LABEL = True
+# Names of the MODEL.NUM_CLASSES classes, for the per-class tables and drawn predictions; empty:
+# ADE20K's 150 names when there are 150 classes, else 'class <i>'.
+_C.SEG.CLASS_NAMES = []
 
 _C.SEG.HEAD = CN()
 # UPerNet decode head: width of every conv block, pyramid pooling grid sizes, dropout before the

@@ -78,15 +78,18 @@ class ZipImageDataset(SkipCorruptMixin, Dataset):
         state['_zip'] = state['_pid'] = None
         return state
 
-    def read_image(self, index: int) -> Image.Image:
+    def read_encoded(self, index: int) -> Tuple[bytes, str]:
         if self._zip is None or self._pid != os.getpid():
             self._zip, self._pid = zipfile.ZipFile(self.zip_path), os.getpid()
         name = self.samples[index][0]
         where = f'{self.zip_path}@{name}'
         try:
-            data = self._zip.read(name)
+            return self._zip.read(name), where
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:  # a damaged member
             raise CorruptImageError(where, f'cannot read it from the zip: {e}') from None
+
+    def read_image(self, index: int) -> Image.Image:
+        data, where = self.read_encoded(index)
         return decode_image(io.BytesIO(data), where)
 
 

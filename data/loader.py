@@ -13,7 +13,7 @@ from utils import get_rank, get_world_size
 from .datasets import build_dataset
 from .robust import SkipReportingLoader, collate_with_problems
 from .sampler import ResumableSampler, SeededSamples
-from .transforms import build_transform
+from .transforms import build_train_transform, build_transform
 from .workers import worker_count
 
 
@@ -73,7 +73,7 @@ def build_loader(config, train: bool = True) -> Loaders:
     """Validation loader, and the training loader unless ``train`` is False (evaluation only)."""
     train_loader = train_set = None
     if train:
-        train_set, num_classes = build_dataset('train', config, build_transform(True, config))
+        train_set, num_classes = build_dataset('train', config, build_train_transform(config))
     # The validation folder's classes must be among the training set's and keep their indices.
     val_set, val_classes = build_dataset('val', config, build_transform(False, config),
                                          class_to_idx=getattr(train_set, 'class_to_idx', None))

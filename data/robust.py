@@ -54,6 +54,15 @@ def open_image(path: str) -> Image.Image:
         raise CorruptImageError(path, e.strerror or str(e)) from None
 
 
+def read_file(path: str) -> bytes:
+    """The file's bytes, for a transform that decodes them itself (data.fast_transform)."""
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise CorruptImageError(path, e.strerror or str(e)) from None
+
+
 def decode_image(file: BinaryIO, path: str) -> Image.Image:
     """An upright 8-bit RGB image from an open file (any mode, see data.images); ``path`` names it
     in the error."""
@@ -89,6 +98,17 @@ class SkipCorruptMixin:
     def read_image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def read_encoded(self, index: int) -> Tuple[bytes, str]:
+        """The image file's bytes and its name, for a transform that ``takes_encoded``."""
+        raise NotImplementedError
+
+    def _read_transformed(self, index: int):
+        if getattr(self.transform, 'takes_encoded', False):
+            # The transform decodes (only what it needs); it raises CorruptImageError as read_image does.
+            return self.transform(*self.read_encoded(index))
+        img = self.read_image(index)
+        return self.transform(img) if self.transform is not None else img
+
     def fetch(self, index: int) -> Tuple[Optional[torch.Tensor], int, List[Problem]]:
         """(image or None, target, unreadable files met). None: the sample is to be dropped."""
         problems: List[Problem] = []
@@ -96,14 +116,12 @@ class SkipCorruptMixin:
         for offset in range(n):
             i = (index + offset) % n
             try:
-                img = self.read_image(i)
+                img = self._read_transformed(i)
             except CorruptImageError as e:
                 problems.append((e.path, e.reason))
                 if not (self.skip_corrupt and self.refill):
                     return None, self.samples[index][1], problems
                 continue
-            if self.transform is not None:
-                img = self.transform(img)
             return img, self.samples[i][1], problems
         raise DataError(f'no readable image in the data set: all {n} files failed to decode, '
                         f'for example {problems[0][0]}: {problems[0][1]}')
@@ -159,6 +177,10 @@ class RobustImageFolder(SkipCorruptMixin, DatasetFolder):
     def read_image(self, index: int) -> Image.Image:
         return open_image(self.samples[index][0])
 
+    def read_encoded(self, index: int) -> Tuple[bytes, str]:
+        path = self.samples[index][0]
+        return read_file(path), path
+
 
 def collate_with_problems(samples: list):
     """Collate fetched samples into (images, targets, problems), dropping samples without image.
@@ -168,6 +190,10 @@ def collate_with_problems(samples: list):
     problems = tuple(p for _, _, ps in samples for p in ps)
     if not kept:
         return None, None, problems
+    if hasattr(kept[0][0], 'erasures'):  # 8-bit images of data.fast_transform
+        from .fast_transform import RawBatch  # here: that module imports this one
+        images = RawBatch.collate([img for img, _ in kept])
+        return images, default_collate([t for _, t in kept]), problems
     images, targets = default_collate(kept)
     return images, targets, problems
 

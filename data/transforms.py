@@ -9,6 +9,8 @@ from torchvision.transforms import functional as TF
 
 from errors import UserError
 
+from .fast_transform import fast_train_transform
+
 # Images this small (CIFAR-like) get a padded random crop: a random *resized* crop would throw away
 # most of their few pixels.
 SMALL_IMAGE = 32
@@ -108,6 +110,18 @@ INTERPOLATIONS = ('bicubic', 'bilinear', 'lanczos', 'hamming', 'box', 'nearest',
 def _interpolation(name: str) -> T.InterpolationMode:
     # Evaluation is deterministic: 'random' evaluates with bilinear.
     return T.InterpolationMode.BILINEAR if name == 'random' else T.InterpolationMode(name)
+
+
+def build_train_transform(config):
+    """The training transform: data.fast_transform's when DATA.FAST_PIPELINE and the recipe has the
+    shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise."""
+    reference = build_transform(True, config)
+    # The synthetic data set makes PIL images, not files.
+    if config.DATA.FAST_PIPELINE and config.DATA.IMG_SIZE > SMALL_IMAGE and config.DATA.DATASET != 'fake':
+        fast = fast_train_transform(reference)
+        if fast is not None:
+            return fast
+    return reference
 
 
 def build_transform(is_train: bool, config) -> T.Compose:

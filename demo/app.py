@@ -368,6 +368,21 @@ def build_page(demo: Demo, architecture: str = DEFAULT_MODEL, checkpoint: str = 
     return page
 
 
+def build_app(demo: Demo, dense, architecture: str = DEFAULT_MODEL, checkpoint: str = '',
+              dense_checkpoint: str = '', dense_task: str = 'detection'):
+    """The page of build_page as a first tab, and a second for a detector or a segmentor
+    (demo/dense.py; API endpoint ``/dense``)."""
+    import gradio as gr
+    from demo.dense import build_tab
+    page = build_page(demo, architecture, checkpoint)
+    with gr.Blocks(title=page.title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        with gr.Tab('Focal modulation', id='modulation', elem_id='tab-modulation'):
+            page.render()
+        with gr.Tab('Detection and segmentation', id='dense', elem_id='tab-dense'):
+            build_tab(dense, sample_photos(), dense_checkpoint, dense_task)
+    return app
+
+
 def launch(page, host: str = '127.0.0.1', port: int = 7860, block: bool = True):
     """Serve the page on host:port, with nothing that reaches outside: no share link, no server-side
     rendering process, no monitoring, system fonts."""
@@ -393,6 +408,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='address to serve on (default: 127.0.0.1, this machine only)')
     parser.add_argument('--port', type=int, default=7860, help='port (default: 7860)')
     parser.add_argument('--device', default='cpu', help='device to run the model on (default: cpu)')
+    parser.add_argument('--dense-checkpoint', default='', metavar='PATH',
+                        help='a detector or segmentor checkpoint for the "Detection and segmentation" '
+                        'tab (python -m detection / python -m segmentation)')
+    parser.add_argument('--dense-task', choices=['detection', 'segmentation'], default='detection',
+                        help='what --dense-checkpoint is (default: detection)')
     return parser.parse_args(argv)
 
 
@@ -405,7 +425,11 @@ def setup(args: argparse.Namespace) -> Tuple[Demo, object]:
     demo = Demo(architectures(args.cfg), device=args.device)
     architecture = args.model or (Path(args.cfg[0]).stem if args.cfg else DEFAULT_MODEL)
     demo.load(architecture, args.checkpoint)
-    return demo, build_page(demo, architecture, args.checkpoint)
+    from demo.dense import DenseDemo
+    dense = DenseDemo(device=args.device)
+    if args.dense_checkpoint:
+        dense.load(args.dense_task, args.dense_checkpoint)  # a bad checkpoint is named before serving
+    return demo, build_app(demo, dense, architecture, args.checkpoint, args.dense_checkpoint, args.dense_task)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -29,6 +29,14 @@ PAPER_MASK_RCNN = {
     'mask_rcnn_focalnet_base_lrf': dict(kernels='[9,11,13]', params_m=111.4, gflops=507, box_map=(49.0, 49.8), mask_map=(43.5, 44.1)),
 }
 
+# The official README's "other detection methods" rows, FocalNet-T with focal windows [11,9,9,7] and
+# three focal levels (the LRF configs), 3x schedule: parameters (M), GFLOPs at 1280x800, box mAP.
+PAPER_OTHER_METHODS = {
+    'atss_focalnet_tiny_lrf_3x': dict(method='ATSS', params_m=37.2, gflops=220, box_map=49.6),
+    'cascade_mask_rcnn_focalnet_tiny_lrf_3x': dict(method='Cascade Mask R-CNN', params_m=87.1, gflops=751, box_map=51.5),
+    'sparse_rcnn_focalnet_tiny_lrf_3x': dict(method='Sparse R-CNN', params_m=111.2, gflops=178, box_map=49.9),
+}
+
 
 def _grids(body, height: int, width: int):
     """(H, W) of every stage output: the stem and each downsampler round up (the dense padding)."""
@@ -38,6 +46,21 @@ def _grids(body, height: int, width: int):
         grids.append((H, W))
         H, W = -(-H // 2), -(-W // 2)
     return grids
+
+
+def _torchvision_heads(model, method: str, features, rois: int, mask_rois: int):
+    channels = model.backbone.out_channels
+    pyramid = list(model.backbone.fpn(features).values())
+    if method in TWO_STAGE:
+        model.rpn.head(pyramid)
+        heads = model.roi_heads
+        box = heads.box_roi_pool.output_size
+        heads.box_predictor(heads.box_head(torch.empty(rois, channels, *box, device='meta')))
+        if has_masks(method):
+            mask = heads.mask_roi_pool.output_size
+            heads.mask_predictor(heads.mask_head(torch.empty(mask_rois, channels, *mask, device='meta')))
+    else:
+        model.head(pyramid)
 
 
 def detector_cost(config, num_classes: int = 80, size: Tuple[int, int] = (800, 1280),
@@ -52,19 +75,11 @@ def detector_cost(config, num_classes: int = 80, size: Tuple[int, int] = (800, 1
     features = OrderedDict(
         (str(k), torch.empty(1, body.dims[i], *grids[i], device='meta'))
         for k, i in enumerate(body.out_indices))
-    channels = model.backbone.out_channels
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        pyramid = list(model.backbone.fpn(features).values())
-        if config.DETECTION.METHOD in TWO_STAGE:
-            model.rpn.head(pyramid)
-            heads = model.roi_heads
-            box = heads.box_roi_pool.output_size
-            heads.box_predictor(heads.box_head(torch.empty(rois, channels, *box, device='meta')))
-            if has_masks(config.DETECTION.METHOD):
-                mask = heads.mask_roi_pool.output_size
-                heads.mask_predictor(heads.mask_head(torch.empty(mask_rois, channels, *mask, device='meta')))
+        if hasattr(model, 'heads_for_cost'):  # the detectors with mmdetection's names count themselves
+            model.heads_for_cost(list(features.values()))
         else:
-            model.head(pyramid)
+            _torchvision_heads(model, config.DETECTION.METHOD, features, rois, mask_rois)
     backbone_flops = count_dense_flops(body, (height, width))
     return {'params': count_params(model), 'gflops': (backbone_flops + counter.get_total_flops() / 2) / 1e9,
             'backbone_params': count_params(body), 'backbone_gflops': backbone_flops / 1e9}

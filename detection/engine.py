@@ -12,6 +12,7 @@ from engine.epochs import EpochTrainer, after_step, begin_epoch, report_step
 from logger import NAME as LOGGER_NAME
 from utils import get_rank
 
+from .category_ap import per_class_table
 from .evaluation import evaluate
 from .model import has_masks
 
@@ -74,13 +75,15 @@ def train_one_epoch(t: DetectionTrainer, loader, epoch: int, num_steps: int,
     return means
 
 
-def run_evaluation(config, model, loaders, device, autocast) -> dict:
-    """COCO box (and mask) AP of ``model`` (the bare detector) on the validation set, logged."""
+def run_evaluation(config, model, loaders, device, autocast, show=None) -> dict:
+    """COCO box (and mask) AP of ``model`` (the bare detector) on the validation set, logged with
+    the per-category table. ``show``, when given, draws every validation image (``--show-dir``)."""
     iou_types = ('bbox', 'segm') if has_masks(config.DETECTION.METHOD) else ('bbox',)
     metrics = evaluate(model, loaders.val, device, autocast, loaders.val_coco,
-                       loaders.label_to_category, iou_types)
+                       loaders.label_to_category, iou_types, show)
     if metrics.get('summary'):
         logger.info('COCO evaluation:\n' + metrics['summary'])
     shown = '  '.join(f'{k} {metrics[k]:.2f}' for k in RECORDED if metrics.get(k) is not None)
     logger.info(f' * {shown}  ({metrics["images"]} images, {metrics["detections"]} detections)')
+    logger.info(per_class_table(metrics, loaders.category_names))
     return metrics

@@ -13,6 +13,8 @@ from pycocotools.cocoeval import COCOeval
 from engine.progress import Progress
 from utils import all_gather_objects, get_rank
 
+from .category_ap import category_ap, ground_truth_categories
+
 logger = logging.getLogger('focalnet')
 
 # COCOeval's summary, in the order of its ``stats``; the first three are what metrics.jsonl records.
@@ -44,12 +46,17 @@ def to_coco_results(image_id: int, output: Dict[str, torch.Tensor],
 def coco_metrics(coco_gt, results: List[dict], iou_types: Sequence[str],
                  image_ids: Optional[Sequence[int]] = None) -> Dict[str, Optional[float]]:
     """``{iou_type}_{ap,ap50,ap75,ap_small,ap_medium,ap_large}`` in percent from COCOeval (None where
-    COCOeval has no value, e.g. no object of that size), and COCOeval's printed summary as 'summary'."""
+    COCOeval has no value, e.g. no object of that size), ``{iou_type}_per_class``: the AP of each
+    category in the order of their ids (None for one without ground truth), and COCOeval's printed
+    summary as 'summary'."""
     metrics: Dict[str, Optional[float]] = {}
     summary = []
     for iou_type in iou_types:
         if not results:  # COCO.loadRes refuses an empty list; nothing detected scores 0
             metrics.update({f'{iou_type}_{n}': 0.0 for n in STAT_NAMES})
+            present = ground_truth_categories(coco_gt, image_ids)
+            metrics[f'{iou_type}_per_class'] = [0.0 if c in present else None
+                                                for c in sorted(coco_gt.getCatIds())]
             continue
         text = io.StringIO()
         with contextlib.redirect_stdout(text):  # pycocotools prints as it goes
@@ -63,22 +70,26 @@ def coco_metrics(coco_gt, results: List[dict], iou_types: Sequence[str],
                                                    if line.startswith(' Average')))
         for name, value in zip(STAT_NAMES, evaluator.stats):
             metrics[f'{iou_type}_{name}'] = 100.0 * float(value) if value >= 0 else None
+        metrics[f'{iou_type}_per_class'] = category_ap(evaluator)
     metrics['summary'] = '\n'.join(summary)
     return metrics
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, autocast, coco_gt,
-             label_to_category: Sequence[int], iou_types: Sequence[str]) -> Dict[str, Optional[float]]:
+             label_to_category: Sequence[int], iou_types: Sequence[str], show=None) -> Dict[str, Optional[float]]:
     """Run the detector over the validation loader (each process its share), gather the results on
-    rank 0 and score them there; every process returns the same metrics."""
+    rank 0 and score them there; every process returns the same metrics. ``show(image, target,
+    output)``, when given, sees every image (``--show-dir``)."""
     model.eval()
     results, image_ids = [], []
     progress = Progress(len(loader))
     for i, (images, targets) in enumerate(loader):
         with autocast():
             outputs = model([image.to(device, non_blocking=True) for image in images])
-        for target, output in zip(targets, outputs):
+        for image, target, output in zip(images, targets, outputs):
+            if show is not None:
+                show(image, target, output)
             image_ids.append(int(target['image_id']))
             results.extend(to_coco_results(target['image_id'], output, label_to_category))
         tick = progress.tick(i)

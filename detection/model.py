@@ -21,8 +21,10 @@ from models.dense import FocalNetDense, build_dense_backbone
 
 from .mmdet_heads import build_rcnn
 
-METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos')
+METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss', 'cascade_mask_rcnn')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
+# Detectors written with mmdetection's names, whose released checkpoints load whole.
+RELEASED_LOADABLE = ('atss', 'cascade_mask_rcnn')
 
 
 class FocalNetFPN(nn.Module):
@@ -66,6 +68,12 @@ def build_detector(config, num_classes: int) -> nn.Module:
     method = d.METHOD
     if method not in METHODS:
         raise ValueError(f'unknown DETECTION.METHOD {method!r}; expected one of {", ".join(METHODS)}')
+    if method == 'atss':  # written with mmdetection's names (detection/atss.py), not torchvision's
+        from .atss import build_atss
+        return build_atss(config, num_classes)
+    if method == 'cascade_mask_rcnn':
+        from .cascade_rcnn import build_cascade_mask_rcnn
+        return build_cascade_mask_rcnn(config, num_classes)
     body = build_dense_backbone(config, backbone_out_indices(method))
     C = d.FPN_CHANNELS
     extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)
@@ -89,9 +97,10 @@ def build_detector(config, num_classes: int) -> nn.Module:
 
 
 def dense_backbone(model: nn.Module) -> FocalNetDense:
-    """The FocalNet inside a detector built by build_detector (its ``backbone.body``)."""
-    return model.backbone.body
+    """The FocalNet inside a detector built by build_detector (``backbone.body`` of the torchvision
+    ones, ``backbone`` of those with mmdetection's names)."""
+    return model.backbone if isinstance(model.backbone, FocalNetDense) else model.backbone.body
 
 
 def has_masks(method: str) -> bool:
-    return method == 'mask_rcnn'
+    return method in ('mask_rcnn', 'cascade_mask_rcnn')

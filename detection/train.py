@@ -12,6 +12,7 @@ metrics.jsonl, progress, the one-line errors) comes from engine/.
 import argparse
 import logging
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,11 +33,14 @@ from models.cost import count_params
 from models.pretrained import extract_state_dict, read_state_file
 from utils import is_distributed
 
+from .category_ap import per_class_record
 from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
 from .engine import BEST, RECORDED, DetectionTrainer, run_evaluation, train_one_epoch
 from .model import METHODS, build_detector, dense_backbone, has_masks
+from .predict import validation_drawer
 from .recipe import decay_groups
+from .released import is_released_detector as is_whole_released, load_released
 from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -51,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       data_help='COCO root: annotations/instances_<split>.json, <split>/',
                       pretrained_help='backbone weights to start from: ImageNet classification '
                                       'weights (official, timm or HF layout) or an official detection checkpoint')
+    parser.add_argument('--show-dir', metavar='DIR', help='with --eval: save every validation image with '
+                        'its detections drawn into DIR')
     return parser.parse_args(argv)
 
 
@@ -87,6 +93,9 @@ def load_backbone_weights(model: nn.Module, path: str, category_names=None):
     R-CNN / Faster R-CNN (its RPN and RoI heads too) into the whole detector. The report is logged."""
     body = dense_backbone(model)
     state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if hasattr(model, 'released_keys') and is_whole_released(state):
+        load_whole_detector(model, path, state)
+        return
     if is_released_detector(state):
         logger.info(describe(load_released_detector(model, path, category_names)))
         return
@@ -101,6 +110,17 @@ def load_backbone_weights(model: nn.Module, path: str, category_names=None):
                 f'{len(report["padded"])} kernels centre-padded, {len(report["expanded"])} gate tensors '
                 f'expanded; kept at init (not in the file): {report["added"] or "none"}; '
                 f'not used: {report["dropped"] or "none"}')
+
+
+def load_whole_detector(model: nn.Module, path: str, state: Optional[dict] = None):
+    """A released mmdetection checkpoint, every tensor through the model's key table, strictly."""
+    if state is None:
+        state = extract_state_dict(read_state_file(path, 'cpu', mmap=True), path)
+    if not is_whole_released(state):
+        raise UserError(f'{path} is not a whole released detector (it needs backbone.* and the neck and '
+                        f'head keys); --eval --pretrained evaluates one')
+    report = load_released(model, state, model.released_keys, path)
+    logger.info(f'{path}: loaded the whole released detector ({report["num_tensors"]} tensors)')
 
 
 def make_detector(config, num_classes: int) -> nn.Module:
@@ -120,12 +140,14 @@ def run(args) -> int:
     if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
         raise UserError('--eval needs the detector to evaluate: --resume <checkpoint> (or --pretrained '
                         '<released mmdetection checkpoint>)')
+    if args.show_dir and not config.EVAL_MODE:
+        raise UserError('--show-dir draws the validation images of --eval; add --eval --resume <checkpoint>')
     # An evaluation writes no checkpoints: no lock to hold.
     with start_run(config, args.local_rank, training=not config.EVAL_MODE) as started:
-        return run_in(config, started.device, started.out)
+        return run_in(config, started.device, started.out, args.show_dir)
 
 
-def run_in(config, device: torch.device, out: str) -> int:
+def run_in(config, device: torch.device, out: str, show_dir: Optional[str] = None) -> int:
     method = config.DETECTION.METHOD
     loaders = build_detection_loaders(config, train=not config.EVAL_MODE, with_masks=has_masks(method))
     names = ', '.join(loaders.category_names[:10]) + (' ...' if loaders.num_classes > 10 else '')
@@ -137,19 +159,25 @@ def run_in(config, device: torch.device, out: str) -> int:
 
     if config.EVAL_MODE:
         source = config.MODEL.RESUME or config.MODEL.PRETRAINED
-        released = is_released_file(source)
-        if released:
+        released = not config.MODEL.RESUME or is_released_file(source)
+        if hasattr(model, 'released_keys') and released:
+            load_whole_detector(model, source)  # ATSS, Cascade: a released detector, whole and strictly
+        elif is_released_file(source):
             logger.info(describe(load_released_detector(model, source, loaders.category_names)))
         elif not config.MODEL.RESUME:
-            raise UserError(f'--eval --pretrained {source}: not a released Mask R-CNN / Faster R-CNN '
-                            f'checkpoint (no RPN and RoI heads); evaluate a whole detector')
+            raise UserError(f'--eval --pretrained {source}: not a released mmdetection detector '
+                            f'checkpoint (no neck and heads); evaluate a whole detector')
         else:
             state = load_checkpoint(config.MODEL.RESUME, model=model)
             _check_categories(state['entries'], loaders, config.MODEL.RESUME)
-        metrics = run_evaluation(config, model, loaders, device, autocast)
+        show = validation_drawer(show_dir, loaders.val_coco, loaders.category_names) if show_dir else None
+        metrics = run_evaluation(config, model, loaders, device, autocast, show)
+        if show is not None:
+            logger.info(f'drew {show.show.count} validation images into {show_dir}')
         record_evaluation(out, loaders.val, source, {'model': config.MODEL.NAME, 'released': released,
                                                      **{k: metrics.get(k) for k in RECORDED if k in metrics},
-                                                     'images': metrics['images']})
+                                                     'images': metrics['images'],
+                                                     **per_class_record(metrics, loaders.category_names)})
         return 0
     return train(config, loaders, model, device, autocast, dtype, out)
 
@@ -176,7 +204,8 @@ def train(config, loaders, model, device, autocast, dtype, out) -> int:
     epochs = config.TRAIN.EPOCHS
     with epoch_training(DetectionTrainer, config, out, device, loaders, autocast, found, model=model,
                         optimizer=optimizer, scheduler=scheduler, scaler=scaler, score=BEST,
-                        saved={'extra': {'categories': list(loaders.label_to_category)}}) as (trainer, checkpoints):
+                        saved={'extra': {'categories': list(loaders.label_to_category),
+                                          'category_names': list(loaders.category_names)}}) as (trainer, checkpoints):
         for epoch in range(resumed.start, epochs):
             resumed_here = seed_epoch(loaders, epoch, position, config.SEED)
             stats = train_one_epoch(trainer, loaders.train, epoch, loaders.steps_per_epoch, resumed_here)
@@ -188,6 +217,7 @@ def train(config, loaders, model, device, autocast, dtype, out) -> int:
             if (epoch + 1) % config.DETECTION.EVAL_FREQ == 0 or epoch == epochs - 1:
                 metrics = run_evaluation(config, model, loaders, device, autocast)
                 values.update({k: metrics[k] for k in RECORDED if k in metrics})
+                values.update(per_class_record(metrics, loaders.category_names))
                 if (metrics.get(BEST) or 0.0) > checkpoints.best_score:
                     checkpoints.best_score = metrics[BEST]
                     if saved:  # the file of this epoch records the new best score too

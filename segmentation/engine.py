@@ -16,6 +16,7 @@ from engine.seed import derive_seed, seed_everything
 from logger import NAME as LOGGER_NAME
 from utils import all_reduce_sum, get_rank, get_world_size
 
+from .classes import class_names, per_class_record, per_class_table
 from .data import check_labels
 from .inference import predict
 from .metrics import SegmentationMetric
@@ -32,25 +33,30 @@ def inference_options(config, aug_test: bool) -> dict:
 
 
 @torch.inference_mode()
-def evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
-    """mIoU, mAcc, aAcc (%) and per-class IoU over the whole validation set, all processes."""
+def evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast, show=None) -> Dict:
+    """mIoU, mAcc, aAcc (%) and per-class IoU over the whole validation set, all processes.
+    ``show(image, prediction, label_path)``, when given, sees every image (``--show-dir``)."""
     model.eval()
     # Images come in many sizes: cuDNN's per-size search would cost more than it saves.
     benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
     try:
-        return _evaluate(model, loader, device, config, options, autocast)
+        return _evaluate(model, loader, device, config, options, autocast, show)
     finally:
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast) -> Dict:
+def _evaluate(model: Segmentor, loader, device: torch.device, config, options: dict, autocast, show=None) -> Dict:
     metric = SegmentationMetric(model.num_classes, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     progress = Progress(len(loader))
     for i, (images, (labels, paths)) in enumerate(loader):
         check_labels(labels, paths, model.num_classes, config.SEG.REDUCE_ZERO_LABEL)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        metric.update(predict(model, images, autocast=autocast, **options), labels)
+        pred = predict(model, images, autocast=autocast, **options)
+        metric.update(pred, labels)
+        if show is not None:
+            for image, p, path in zip(images, pred, paths):
+                show(image, p, path)
         count += len(images)
         tick = progress.tick(i)
         if progress.due(i, config.PRINT_FREQ):
@@ -59,6 +65,7 @@ def _evaluate(model: Segmentor, loader, device: torch.device, config, options: d
     result['images'] = int(all_reduce_sum(count).item())
     logger.info(f' * mIoU {result["miou"]:.2f} mAcc {result["macc"]:.2f} aAcc {result["aacc"]:.2f} '
                 f'({result["images"]} images; scales {options["ratios"]}, flip {options["flip"]}, {options["mode"]})')
+    logger.info(per_class_table(result, class_names(config)))
     return result
 
 
@@ -192,7 +199,8 @@ def evaluate_and_record(t: SegmentationTrainer, val, done: int, loaders):
     report_skipped(loaders, f'iteration {done}', t.out)
     t.best = max(t.best, result['miou'])
     values = {'iter': done, 'train_loss': train_loss, 'miou': result['miou'], 'macc': result['macc'],
-              'aacc': result['aacc'], 'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best}
+              'aacc': result['aacc'], 'lr': t.optimizer.param_groups[0]['lr'], 'max_miou': t.best,
+              **per_class_record(result, class_names(t.config))}
     record(t.out, values, t.writer, done, ('miou', 'macc', 'aacc'), prefix='val')
 
 

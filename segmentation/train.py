@@ -32,9 +32,11 @@ from lr_scheduler import build_iter_scheduler
 from utils import get_rank, get_world_size, is_distributed
 
 from .checkpoint import init_from_pretrained, load_segmentor_weights
+from .classes import class_names, per_class_record
 from .data import ADE20K, train_loader, val_loader
 from .engine import SegmentationTrainer, evaluate, evaluate_and_record, inference_options, iterate
 from .model import Segmentor, build_segmentor
+from .predict import validation_drawer
 from .transforms import build_train_transform
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       opts_example='SEG.TRAIN.ITERS 80000 DATA.BATCH_SIZE 4',
                       data_help='data set root: images/{training,validation}, annotations/{...}',
                       pretrained_help='ImageNet weights for the backbone, or a whole segmentor checkpoint')
+    p.add_argument('--show-dir', metavar='DIR', help='with --eval: save every validation image with its '
+                   'predicted classes laid over it into DIR')
     p.add_argument('--aug-test', action='store_true',
                    help='multi-scale (SEG.TEST.AUG_RATIOS) and flip testing: the "mIoU (MS)" column')
     return p.parse_args(argv)
@@ -69,6 +73,7 @@ def check_config(config):
     stages = len(config.MODEL.FOCAL.DEPTHS)
     if not 0 <= seg.HEAD.AUX_INDEX < stages:
         raise UserError(f'SEG.HEAD.AUX_INDEX must name a backbone stage, 0..{stages - 1}; got {seg.HEAD.AUX_INDEX}')
+    class_names(config)  # SEG.CLASS_NAMES, when given, names every class
     lo, hi = seg.AUG.RATIO_RANGE
     if not 0 < lo <= hi:
         raise UserError(f'SEG.AUG.RATIO_RANGE must be [low, high] with 0 < low <= high; '
@@ -101,6 +106,8 @@ def datasets(config, train: bool):
 
 def run(args) -> int:
     config = get_config(args)
+    if args.show_dir and not config.EVAL_MODE:
+        raise UserError('--show-dir draws the validation images of --eval; add --eval --resume <checkpoint>')
     # An evaluation writes no checkpoints: no lock to hold.
     with start_run(config, args.local_rank, training=not config.EVAL_MODE) as started:
         return run_in(config, args, started.device, started.out)
@@ -129,12 +136,14 @@ def run_eval(config, args, model: Segmentor, val, device, autocast, out: str, me
         raise UserError('--eval needs the weights to evaluate: --resume <checkpoint> or --pretrained <file>')
     load_segmentor_weights(model, source)
     options = inference_options(config, args.aug_test)
-    result = evaluate(model, val, device, config, options, autocast)
+    show = validation_drawer(args.show_dir, config) if args.show_dir else None
+    result = evaluate(model, val, device, config, options, autocast, show)
+    if show is not None:
+        logger.info(f'drew {show.show.count} validation images into {args.show_dir}')
     record_evaluation(out, val, source, {'miou': result['miou'], 'macc': result['macc'], 'aacc': result['aacc'],
                                          'images': result['images'], 'ratios': options['ratios'],
-                                         'flip': options['flip'], 'test_mode': options['mode']})
-    if get_rank() == 0:
-        logger.info('per-class IoU: ' + ' '.join('-' if v is None else f'{v:.1f}' for v in result['iou']))
+                                         'flip': options['flip'], 'test_mode': options['mode'],
+                                         **per_class_record(result, class_names(config))})
     return 0
 
 

@@ -42,9 +42,12 @@ class RandomRescale(v2.Transform):
         super().__init__()
         self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
 
-    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+    def _ratio(self) -> float:
         lo, hi = self.ratio_range
-        ratio = lo + (hi - lo) * torch.rand(()).item()
+        return lo + (hi - lo) * torch.rand(()).item()
+
+    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+        ratio = self._ratio()
         bound = [int(s * ratio) for s in self.scale]
         height, width = _image_and_mask(flat_inputs)[0].shape[-2:]
         return {'size': list(rescale_size(height, width, bound))}
@@ -92,7 +95,7 @@ class CatMaxRatioCrop(v2.Transform):
 class PhotoMetricDistortion(v2.Transform):
     """mmseg's photometric distortion of a uint8 image; each step with probability 1/2, in order:
     brightness (add up to +-32), contrast (multiply by 0.5-1.5) either here or last, saturation
-    (scale HSV saturation by 0.5-1.5), hue (shift by up to 18 of OpenCV's 180 steps, 0.1 turn).
+    (scale HSV saturation by 0.5-1.5), hue (shift by -18 to 17 of OpenCV's 180 steps, about 0.1 turn).
     Each step truncates to 8 bits, as the original computes on uint8 images. Labels pass through."""
     _transformed_types = (tv_tensors.Image,)
 
@@ -117,7 +120,8 @@ class PhotoMetricDistortion(v2.Transform):
             'contrast_first': self._coin(),
             'contrast': self._uniform(*self.contrast_range) if self._coin() else None,
             'saturation': self._uniform(*self.saturation_range) if self._coin() else None,
-            'hue': int(torch.randint(-self.hue_delta, self.hue_delta + 1, ())) if self._coin() else None,
+            # numpy's randint(-d, d), as mmseg draws it: the upper end is excluded
+            'hue': int(torch.randint(-self.hue_delta, self.hue_delta, ())) if self._coin() else None,
         }
 
     @staticmethod

@@ -7,7 +7,9 @@ on GitHub):
   tests/test_docs.py runs it as written, with ``bash -e``, in a scratch folder that holds the
   repository's code (the blocks of one page run in order, in one folder, so a later block can use
   what an earlier one wrote);
-- ``<!-- test: ci -->``: the block is run by ``.ci/run``, line for line.
+- ``<!-- test: ci -->``: the block is run by ``.ci/run``, line for line;
+- ``<!-- test: run by tests/test_x.py -->``: that test file runs each of the block's commands as
+  written (it holds each command line verbatim), with checks of its own on what they give.
 
 Every other block's ``python`` and ``torchrun`` commands are parsed by their entry point's parser.
 """
@@ -20,7 +22,7 @@ from typing import Dict, List, Optional, Set
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MARKER = re.compile(r'<!--\s*test:\s*(\w+)\s*-->')
+MARKER = re.compile(r'<!--\s*test:\s*(.*?)\s*-->')
 FENCE = re.compile(r'^(\s*)(`{3,}|~{3,})\s*([\w+-]*)')
 
 

@@ -81,6 +81,9 @@ def test_weights_reach_the_other_implementations():
      'multi-stage'),
     (['--compare', 'timm', '--throughput'], '--throughput goes with --table'),
     (['--compare', 'timm', '--batch-size', '0'], '--batch-size must be at least 1'),
+    (['--pipeline', '--data-path', '/nonexistent/folder'], '/nonexistent/folder'),
+    (['--pipeline', '--workers', '-1'], '--workers must be 0 or more'),
+    (['--pipeline', '--opts', 'AUG.AUTO_AUGMENT'], 'AUG.AUTO_AUGMENT'),
     (['--table', '--device', 'cuda:0', '--throughput'] if not __import__('torch').cuda.is_available()
      else ['--table', '--device', 'nonsense'], 'device'),
 ])
@@ -88,3 +91,17 @@ def test_user_mistakes_are_one_line_errors(argv, message, capsys):
     assert benchmark.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and 'Traceback' not in err
+
+
+def test_pipeline_times_timm_and_ours_on_photos_and_measures_psnr(tmp_path, capsys):
+    # docs/classification.md's smoke command, python tools/benchmark.py --pipeline --quick
+    rows = run(tmp_path, '--pipeline', '--quick')
+    assert [r['workers'] for r in rows] == [1, 2]
+    for r in rows:
+        assert r['images_timed'] == 40  # 48 images in batches of 8, the first batch not timed
+        assert r['timm_images_per_s_per_core'] > 0 and r['ours_images_per_s_per_core'] > 0
+        assert r['ratio'] == r['ours_images_per_s_per_core'] / r['timm_images_per_s_per_core']
+        assert r['ours_cores_needed'] == 8 * 3000 / r['ours_images_per_s_per_core']
+        # The same draws: identical up to resampling (tests/test_fast_transform.py bounds it).
+        assert r['psnr_db']['crop_flip_erase']['min'] >= 35 and r['psnr_db']['recipe']['images'] == 48
+    assert 'images per CPU-second' in capsys.readouterr().out

@@ -246,9 +246,26 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope='module')
-def server(case, tmp_path_factory):
+def dense_files(tmp_path_factory):
+    """A detector and a segmentor checkpoint as python -m detection / segmentation write them (the
+    model, its config, the categories), of the configs/demo models with random weights."""
+    from detection.model import build_detector
+    from segmentation.model import build_segmentor
+    folder = tmp_path_factory.mktemp('dense')
+    config = load_config(str(ROOT / 'configs' / 'demo' / 'mask_rcnn_shapes.yaml'), ['MODEL.NUM_CLASSES', '3'])
+    torch.manual_seed(3)
+    torch.save({'model': build_detector(config, 3).state_dict(), 'config': config.dump(), 'epoch': 7,
+                'categories': [1, 2, 3], 'category_names': ['disk', 'square', 'triangle']}, folder / 'det.pth')
+    config = load_config(str(ROOT / 'configs' / 'demo' / 'upernet_shapes.yaml'))
+    torch.save({'model': build_segmentor(config).state_dict(), 'config': config.dump(), 'epoch': 60},
+               folder / 'seg.pth')
+    return {'detection': folder / 'det.pth', 'segmentation': folder / 'seg.pth'}
+
+
+@pytest.fixture(scope='module')
+def server(case, dense_files, tmp_path_factory):
     """python demo/app.py on a free port of 127.0.0.1, started once: the releases and the srf case
-    (--cfg); tiny_srf with random weights on the page."""
+    (--cfg); tiny_srf with random weights on the page; the random detector on the dense tab."""
     _, files = case
     folder = tmp_path_factory.mktemp('server')
     port = free_port()
@@ -257,10 +274,13 @@ def server(case, tmp_path_factory):
     log = open(folder / 'server.log', 'w')
     proc = subprocess.Popen([sys.executable, '-c', NET_HOOK, str(ROOT / 'demo' / 'app.py'),
                              '--cfg', str(files['cfg']), '--model', 'focalnet_tiny_srf',
-                             '--port', str(port)], cwd=folder, env=env, stdout=log,
+                             '--port', str(port), '--dense-checkpoint', str(dense_files['detection'])],
+                            cwd=folder, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}/'
-    deadline = time.monotonic() + 180
+    # A busy shared machine can take minutes to import gradio and build the first model.
+    start_limit = float(os.environ.get('FOCALNET_DEMO_START_S', '180'))
+    deadline = time.monotonic() + start_limit
     while True:
         if proc.poll() is not None:
             pytest.fail(f'demo/app.py exited with {proc.returncode}:\n'
@@ -273,7 +293,8 @@ def server(case, tmp_path_factory):
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f'demo/app.py did not answer in 180 s:\n{(folder / "server.log").read_text()}')
+            pytest.fail(f'demo/app.py did not answer in {start_limit:.0f} s (FOCALNET_DEMO_START_S):\n'
+                        f'{(folder / "server.log").read_text()}')
         time.sleep(0.5)
     yield url, folder
     proc.terminate()
@@ -423,3 +444,132 @@ def test_server_reached_nothing_outside(server):
         host = target if kind == 'getaddrinfo' else (target[0] if isinstance(target, tuple) else None)
         assert host is None or host in loopback or str(host).startswith('127.'), (kind, target)
     assert ('connect', ('127.0.0.1', int(urlparse(server[0]).port))) in entries  # the hook works
+
+
+# ---- the detection and segmentation tab -----------------------------------------------------------
+def expected_dense_rows(task, checkpoint, photo, score_thresh):
+    """The table the tab must show, computed here from the checkpoint's tensors with the models'
+    own forward (torchvision's detector; the segmentor at the config's test scale)."""
+    from detection.model import build_detector
+    from segmentation.inference import predict
+    from segmentation.model import build_segmentor
+    state = torch.load(checkpoint, weights_only=True)
+    with Image.open(photo) as image:
+        pixels = torch.from_numpy(np.array(image.convert('RGB'))).permute(2, 0, 1)
+    if task == 'detection':
+        model = build_detector(load_config(str(ROOT / 'configs' / 'demo' / 'mask_rcnn_shapes.yaml')), 3)
+        model.load_state_dict(state['model'])
+        with torch.inference_mode():
+            out = model.eval()([pixels.float() / 255])[0]
+        keep = out['scores'] >= score_thresh
+        return [[state['category_names'][int(c) - 1], float(s)]
+                for c, s in zip(out['labels'][keep], out['scores'][keep])]
+    config = load_config(str(ROOT / 'configs' / 'demo' / 'upernet_shapes.yaml'))
+    model = build_segmentor(config)
+    model.load_state_dict(state['model'])
+    pred = predict(model.eval(), pixels[None], scale=list(config.SEG.TEST.SCALE))[0]
+    counts = torch.bincount(pred.flatten(), minlength=4)
+    return sorted([[list(config.SEG.CLASS_NAMES)[c], 100 * int(counts[c]) / pred.numel()]
+                   for c in range(4) if counts[c]], key=lambda r: -r[1])
+
+
+def assert_rows(got, want):
+    assert [r[0] for r in got] == [r[0] for r in want] and len(want) > 0
+    assert np.allclose([float(r[1]) for r in got], [r[1] for r in want], atol=1e-2)
+
+
+@pytest.mark.parametrize('task', ['detection', 'segmentation'])
+def test_dense_tab_computes_the_models_answer(dense_files, photos, task):
+    from demo.dense import DenseDemo
+    result = DenseDemo().run(task, str(dense_files[task]), '', Image.open(photos[0]), 0.0)
+    assert_rows(result.rows, expected_dense_rows(task, dense_files[task], photos[0], 0.0))
+    assert result.drawn.size == Image.open(photos[0]).size
+    assert np.abs(pixels(result.drawn) - pixels(Image.open(photos[0]))).mean() > 2  # something drawn
+    assert 'upernet_shapes' in result.status if task == 'segmentation' else 'mask_rcnn_shapes' in result.status
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(checkpoint=''), 'no checkpoint'),
+    (dict(checkpoint='missing.pth'), 'checkpoint not found: missing.pth'),
+    (dict(image=None), 'no image'),
+    (dict(thresh=2.0), 'score threshold 2.0'),
+    (dict(task='classification'), "unknown task 'classification'"),
+])
+def test_dense_tab_mistakes_are_named(dense_files, photos, change, message):
+    from demo.dense import DenseDemo
+    args = dict(task='detection', checkpoint=str(dense_files['detection']), image=Image.open(photos[0]), thresh=0.3)
+    args.update(change)
+    with pytest.raises(UserError, match=message):
+        DenseDemo().run(args['task'], args['checkpoint'], '', args['image'], args['thresh'])
+
+
+def test_client_gets_the_dense_answer(client, dense_files, photos):
+    from gradio_client import handle_file
+    for task in ('detection', 'segmentation'):
+        drawn, table, status = client.predict(task, str(dense_files[task]), '', handle_file(str(photos[1])), 0.0,
+                                              api_name='/dense')
+        assert_rows(table['data'], expected_dense_rows(task, dense_files[task], photos[1], 0.0))
+        assert Image.open(drawn).size == Image.open(photos[1]).size
+        assert task in status
+
+
+def test_dense_tab_in_a_browser(server, dense_files, photos, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f'Chromium not found at {CHROMIUM}: apt-get install chromium, or set FOCALNET_CHROMIUM')
+    url, _ = server
+    requests = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(
+            str(tmp_path / 'profile'), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={'width': 1400, 'height': 1000})
+        try:
+            browser.on('request', lambda request: requests.append(request.url))
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(url, wait_until='networkidle')
+            page.get_by_role('tab', name='Detection and segmentation').click()
+            # The checkpoint given with --dense-checkpoint is in its box.
+            assert page.locator('#dense-checkpoint textarea').input_value() == str(dense_files['detection'])
+            page.locator('#dense-image input[type=file]').set_input_files(str(photos[0]))
+            page.locator('#dense-image img').wait_for()
+            page.locator('#dense-threshold input[type=number]').fill('0.3')
+            page.locator('#dense-threshold input[type=number]').press('Enter')
+            for task in ('detection', 'segmentation'):
+                if task == 'segmentation':
+                    page.locator('#dense-task').get_by_label('segmentation').check()
+                    page.locator('#dense-checkpoint textarea').fill(str(dense_files['segmentation']))
+                before = page.evaluate('() => { const i = document.querySelector("#dense-drawn img");'
+                                       ' return i === null ? "" : i.src; }')
+                page.locator('#dense-run').click()
+                # The answer (the status names the task) or an error (a toast, whose text is shown).
+                page.wait_for_function(
+                    f'() => document.querySelector("#dense-status").innerText.includes("({task})")'
+                    ' || document.querySelector("[data-testid=toast-body]") !== null', timeout=300_000)
+                toast = page.locator('[data-testid=toast-body]')
+                assert toast.count() == 0, toast.first.inner_text()
+                page.wait_for_function(
+                    '(before) => { const i = document.querySelector("#dense-drawn img");'
+                    ' return i !== null && i.src !== before && i.complete && i.naturalWidth > 0; }', arg=before)
+                page.wait_for_function('() => document.querySelector(\'#dense-table [data-testid="cell-0-1"]\') !== null')
+                # gradio's table: one element per cell, data-testid cell-<row>-<column>; it may draw only
+                # the rows in view, so the rows drawn are compared, in order, from the first.
+                cells = page.evaluate('() => Array.from(document.querySelectorAll(\'#dense-table [data-testid^="cell-"]\'))'
+                                      '.map(c => [c.getAttribute("data-testid"), c.innerText.trim()])')
+                table = {}
+                for testid, text in cells:
+                    row, column = map(int, testid.split('-')[1:3])
+                    table.setdefault(row, {})[column] = text
+                rows = [[table[r][0], table[r][1]] for r in sorted(table)]
+                want = expected_dense_rows(task, dense_files[task], photos[0], 0.3)
+                assert len(rows) >= min(len(want), 5)
+                assert_rows(rows, want[:len(rows)])
+                width = page.evaluate('() => document.querySelector("#dense-drawn img").naturalWidth')
+                assert width == Image.open(photos[0]).width
+            page.screenshot(path=str(tmp_path / 'dense.png'), full_page=True)
+        finally:
+            browser.close()
+    outside = [u for u in requests
+               if urlparse(u).scheme not in ('data', 'blob') and urlparse(u).hostname != '127.0.0.1']
+    assert requests and outside == []

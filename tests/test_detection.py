@@ -399,7 +399,8 @@ OFFICIAL_DROP_PATH = {('tiny', '1x'): 0.1, ('small', '1x'): 0.2, ('base', '1x'):
 
 
 def test_the_48_configs_hold_the_official_recipe():
-    paths = sorted((ROOT / 'configs' / 'detection').glob('*.yaml'))
+    paths = sorted(p for p in (ROOT / 'configs' / 'detection').glob('*.yaml')
+                   if p.stem.split('_focalnet')[0] in ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos'))
     assert len(paths) == 4 * 3 * 2 * 2
     for path in paths:
         method, size, rf, schedule = path.stem.replace('_focalnet', '').rsplit('_', 3)
@@ -420,7 +421,8 @@ def test_the_48_configs_hold_the_official_recipe():
 def test_detection_cost_table(tmp_path, reference):
     from tools import benchmark
     assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
-    rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
+    rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())
+            if r['config'].startswith('mask_rcnn')}  # the other methods: tests/test_detection_methods.py
     assert len(rows) == 6
     # The backbones are exactly the official ones (the reference's release parameter counts).
     for case, name in (('maskrcnn_tiny_srf', 'mask_rcnn_focalnet_tiny_srf'),

@@ -82,6 +82,10 @@ PARSERS = {
     'tools/gpu_check.py': 'tools.gpu_check',
     'benchmarks/gpu_check.sh': 'tools.gpu_check',   # exec python tools/gpu_check.py "$@"
     'demo/app.py': 'demo.app',
+    'tests/mmref/make_mmseg_fixtures.py': 'mmref.make_mmseg_fixtures',
+    '-m data.export_shapes': 'data.export_shapes',
+    '-m detection.predict': 'detection.predict',
+    '-m segmentation.predict': 'segmentation.predict',
 }
 # What documented commands run that is not ours: the environment's own tools.
 NOT_OURS = {'-m pip', '-m pytest', '-m venv', '-c'}
@@ -168,7 +172,28 @@ def test_the_parse_check_catches_bad_commands():
 
 def test_every_marker_is_known():
     for block in shown_blocks():
-        assert block.marker in (None, 'run', 'ci'), f'{block.where}: unknown marker test: {block.marker}'
+        assert block.marker in (None, 'run', 'ci') or block.marker.startswith('run by tests/'), \
+            f'{block.where}: unknown marker test: {block.marker}'
+
+
+def _runners(block: Block) -> str:
+    """The source of the test file a ``run by`` block names, quotes and continuation lines joined,
+    whitespace collapsed."""
+    path = ROOT / block.marker[len('run by '):]
+    assert path.is_file(), f'{block.where}: {path.relative_to(ROOT)} does not exist'
+    text = re.sub(r"'\s*\n\s*'", '', path.read_text())  # 'a ' 'b' across lines, as Python joins them
+    return ' '.join(re.sub(r"'\s+'", '', text).split())
+
+
+def test_blocks_run_by_a_test_are_in_that_test():
+    """A block marked ``run by tests/...`` is run there as written: the test file holds every
+    command line of it."""
+    for block in shown_blocks():
+        if block.marker and block.marker.startswith('run by '):
+            source = _runners(block)
+            for line in shell_lines(block.text):
+                line = re.sub(r'\s+#.*$', '', line)  # a trailing comment is not part of the command
+                assert line in source, f'{block.where}: {block.marker[7:]} does not run: {line}'
 
 
 def test_ci_blocks_are_what_ci_runs():

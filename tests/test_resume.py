@@ -53,6 +53,24 @@ def test_sigterm_saves_the_step_and_a_rerun_ends_with_the_uninterrupted_weights(
     assert [r['train_loss'] for r in metrics(folder)] == [r['train_loss'] for r in reference]
 
 
+def test_sigterm_with_the_fast_input_path_and_workers_resumes_exactly(tiny_cfg, tmp_path_factory, tmp_path):
+    """The same SIGTERM and rerun on JPEG photos at 64 px, where training takes the fast input path
+    (8-bit batches, erasing after collation; data/fast_transform.py) with two loader workers."""
+    from photos import write_photo_folder
+    data = write_photo_folder(tmp_path_factory.mktemp('photos'), 16, 4, sizes=(64, 160))
+    options = ('DATA.IMG_SIZE', '64', 'DATA.FAST_PIPELINE', 'True')
+    reference = tmp_path / 'uninterrupted'
+    done = run_main(main_args(tiny_cfg, data, reference, *options))
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = main_args(tiny_cfg, data, tmp_path / 'stopped', *options)
+    stopped = run_main(args, fault=f'term@step={STEPS_PER_EPOCH + 1}')
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    resumed = run_main(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'continuing at epoch 1 step 2/4' in resumed.stdout
+    assert_same_final_state(run_dir(tmp_path / 'stopped') / 'ckpt_epoch_1.pth', run_dir(reference) / 'ckpt_epoch_1.pth')
+
+
 def test_sigint_inside_an_accumulated_step_finishes_that_step(tiny_cfg, tiny_data, tmp_path):
     # Two micro-batches per step: Ctrl-C during the first finishes the second before saving.
     stopped = run_main(main_args(tiny_cfg, tiny_data, tmp_path, 'TRAIN.ACCUMULATION_STEPS', '2'),

@@ -3,6 +3,7 @@
     python tools/benchmark.py --table [--throughput] [--json rows.json] [--markdown table.md]
     python tools/benchmark.py --compare timm --models focalnet_tiny_srf --device cuda --amp bf16
     python tools/benchmark.py --compare hf --device cpu --threads 2 --batch-size 8
+    python tools/benchmark.py --pipeline [--data-path DIR] [--workers 1 2] [--json rows.json]
 
 ``--table`` prints parameters (M) and FLOPs (G, multiply-adds at 224 px, as the paper counts them) for
 the nine ImageNet-1K models next to the paper's values, and with ``--throughput`` images/s measured here.
@@ -11,6 +12,8 @@ the nine ImageNet-1K models next to the paper's values, and with ``--throughput`
 ``--compare`` builds the same architecture in this codebase and in timm (``timm``) or Hugging Face
 transformers (``hf``), copies one set of weights into both, checks that they agree, then times inference
 and a training step (forward, cross-entropy, backward, SGD step) in alternating rounds in one process.
+``--pipeline`` times the training input pipeline, timm's transform against ours (data/fast_transform.py),
+in images/s per loader core (tools/pipeline_benchmark.py).
 The official implementation is not installable; transformers' FocalNet is a port of it that keeps its
 permute-and-copy structure, so ``hf`` stands in for the official implementation.
 """
@@ -431,6 +434,34 @@ def run_detection_table(args, device) -> Tuple[List[dict], List[str]]:
         lines += ['', 'No released checkpoint has been evaluated here (none can be downloaded in this '
                   'environment): the "ours" columns are empty until --released-evals names the metrics.jsonl '
                   'of such evaluations.']
+    other_rows, other_lines = other_detection_rows(env)
+    return rows + other_rows, lines + other_lines
+
+
+def other_detection_rows(env) -> Tuple[List[dict], List[str]]:
+    """The README's other detection methods (FocalNet-T [11,9,9,7], 3x) that this codebase builds."""
+    from config import load_config
+    from detection.cost import PAPER_OTHER_METHODS, detector_cost
+    from detection.model import METHODS
+    rows = []
+    for name, paper in PAPER_OTHER_METHODS.items():
+        if name.split('_focalnet')[0] not in METHODS:
+            continue
+        log(f'[table detection] {name}')
+        cost = detector_cost(load_config(str(ROOT / 'configs' / 'detection' / f'{name}.yaml')))
+        rows.append(dict(config=name, method=paper['method'], kernels='[11,9,9,7]', params_m=cost['params'] / 1e6,
+                         gflops=cost['gflops'], backbone_params_m=cost['backbone_params'] / 1e6,
+                         backbone_gflops=cost['backbone_gflops'], img_size=[800, 1280],
+                         paper_params_m=paper['params_m'], paper_gflops=paper['gflops'],
+                         paper_box_map_3x=paper['box_map'], commit=env['commit']))
+    lines = ['', 'Other detection methods (written with mmdetection\'s names, detection/atss.py ...), '
+             'FocalNet-T with focal windows [11,9,9,7] and 3 focal levels, 3x schedule, at 1280x800.', '',
+             '| method | params (M) | paper | GFLOPs | paper | backbone params (M) | backbone GFLOPs | '
+             'box mAP 3x (paper) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f'| {r["method"]} | {r["params_m"]:.2f} | {r["paper_params_m"]:.1f} | {r["gflops"]:.1f} | '
+                     f'{r["paper_gflops"]:.0f} | {r["backbone_params_m"]:.2f} | {r["backbone_gflops"]:.1f} | '
+                     f'{r["paper_box_map_3x"]} |')
     return rows, lines
 
 
@@ -512,6 +543,23 @@ def parse_args(argv=None):
                       help='a table\'s cost columns: imagenet (the default), detection (Mask R-CNN '
                            'at 1280x800) or segmentation (ADE20K UPerNet)')
     what.add_argument('--compare', choices=sorted(TWINS), help='time ours against another implementation')
+    what.add_argument('--pipeline', action='store_true',
+                      help='time the training input pipeline: timm\'s transform and ours, per loader core')
+    p.add_argument('--data-path', help='with --pipeline: an ImageFolder (or a root with train/) to read '
+                                       '(default: JPEGs made from the bundled photos)')
+    p.add_argument('--workers', type=int, nargs='+', default=[1, 2],
+                   help='with --pipeline: loader worker counts to time (default 1 2)')
+    p.add_argument('--images', type=int, default=512,
+                   help='with --pipeline: JPEGs to make from the bundled photos (default 512)')
+    p.add_argument('--photo-sides', type=int, nargs=2, default=[250, 500], metavar=('MIN', 'MAX'),
+                   help='with --pipeline: widths and heights of the JPEGs made from the bundled photos '
+                        '(default 250 500, ImageNet-like)')
+    p.add_argument('--gpu-rate', type=float, default=3000,
+                   help='with --pipeline: training images/s per GPU for the cores-needed column '
+                        '(default 3000)')
+    p.add_argument('--gpus', type=int, default=8, help='with --pipeline: GPUs per node (default 8)')
+    p.add_argument('--opts', nargs='+', default=[], help='with --pipeline: config KEY VALUE pairs '
+                                                         '(default: the release recipe)')
     p.add_argument('--throughput', action='store_true', help='with --table: measure inference images/s')
     p.add_argument('--released-evals', nargs='+', metavar='JSONL',
                    help='with --table detection: metrics.jsonl files of python -m detection --eval '
@@ -519,7 +567,7 @@ def parse_args(argv=None):
     p.add_argument('--models', nargs='+', help='model names (default: the nine ImageNet-1K models; '
                                                 'with --compare, focalnet_tiny_srf)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--batch-size', type=int, help='default 128 (32 with --pipeline)')
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--amp', choices=sorted(AMP_DTYPES), default='none')
     p.add_argument('--compile', nargs='?', const='both', choices=('both', 'ours', 'other'),
@@ -539,8 +587,15 @@ def parse_args(argv=None):
     p.add_argument('--json', type=Path, help='write the rows as JSON')
     p.add_argument('--markdown', type=Path, help='write the printed report as markdown')
     p.add_argument('--quick', action='store_true',
-                   help='a fast smoke run: 64 px, batch 2, one warm-up step, one round of one step')
+                   help='a fast smoke run: 64 px, batch 2, one warm-up step, one round of one step '
+                        '(with --pipeline: 48 photos, batch 8, one round)')
     args = p.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 32 if args.pipeline else 128
+    if args.pipeline:
+        if args.quick:  # a smoke run: 48 photos, batches of 8, one timed round
+            args.images, args.batch_size, args.rounds = 48, 8, 1
+        return pipeline_args(args)
     if args.quick:
         args.img_size, args.batch_size, args.warmup, args.iters, args.rounds = 64, 2, 1, 1, 1
     if args.table == 'segmentation':
@@ -569,6 +624,36 @@ def parse_args(argv=None):
     return args
 
 
+def pipeline_args(args):
+    if args.data_path and not os.path.isdir(args.data_path):
+        raise UsageError(f'--data-path {args.data_path}: no such folder')
+    for name in ('batch_size', 'images', 'rounds', 'gpus'):
+        if getattr(args, name) < 1:
+            raise UsageError(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
+    bad = [n for n in args.workers if n < 0]
+    if bad:
+        raise UsageError(f'--workers must be 0 or more, got {bad[0]}')
+    if not 1 <= args.photo_sides[0] <= args.photo_sides[1]:
+        raise UsageError(f'--photo-sides needs 1 <= MIN <= MAX, got {args.photo_sides[0]} {args.photo_sides[1]}')
+    if args.gpu_rate <= 0:
+        raise UsageError(f'--gpu-rate must be positive, got {args.gpu_rate}')
+    return args
+
+
+def run_pipeline(args, device) -> Tuple[List[dict], List[str]]:
+    from errors import UserError
+    from tools.pipeline_benchmark import run_pipeline as run
+    try:
+        rows, lines = run(args.data_path, args.workers, args.rounds, args.batch_size, args.images,
+                          args.gpu_rate, args.gpus, args.opts, sides=tuple(args.photo_sides))
+    except (UserError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    env = environment(torch.device('cpu'))
+    env['device'] = f'CPU ({cpu_model()}), one thread per loader process'
+    return [dict(row, **env) for row in rows], \
+        [f'{env["device"]}; torch {env["torch_version"]}; commit {env["commit"]}'] + lines
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -582,8 +667,9 @@ def main(argv=None) -> int:
             raise UsageError('--amp fp16 needs a GPU; use bf16 on the CPU')
         if args.threads:
             torch.set_num_threads(args.threads)
-        run = {'imagenet': run_table, 'detection': run_detection_table,
-               'segmentation': run_segmentation_table, None: run_compare}[args.table]
+        run = run_pipeline if args.pipeline else {
+            'imagenet': run_table, 'detection': run_detection_table,
+            'segmentation': run_segmentation_table, None: run_compare}[args.table]
         rows, lines = run(args, device)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)

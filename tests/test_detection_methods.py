@@ -1,0 +1,301 @@
+"""The detectors written with mmdetection's names (detection/atss.py ...): against mmdetection's own
+detections and losses (fixtures made by tests/mmref/make_mmdet_fixtures_detmore.py), strict loading
+of released checkpoints, learning from scratch on a synthetic COCO-layout set, the cost table. CPU only."""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from conftest import ROOT
+from test_detection import detection, make_split, records
+
+from config import load_config
+from detection.evaluation import coco_metrics, to_coco_results
+from detection.layers import Batch
+from detection.model import build_detector
+from detection.released import load_released
+from models.pretrained import CheckpointError
+
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+
+FIXTURES = ROOT / 'tests' / 'fixtures' / 'mmdet'
+# The fixtures' architecture (tests/mmref/make_mmdet_fixtures_detmore.py): the official config with a
+# narrow backbone and neck, COCO's 80 classes, the test scale (400, 256).
+FIXTURE_OPTS = ['MODEL.FOCAL.EMBED_DIM', '8', 'MODEL.FOCAL.DEPTHS', '[1, 1, 2, 1]', 'MODEL.DROP_PATH_RATE', '0.0',
+                'DETECTION.FPN_CHANNELS', '32', 'DETECTION.MIN_SIZE_TEST', '256', 'DETECTION.MAX_SIZE', '400']
+# mmdetection's preprocessing constants (0-255 RGB), applied to its resized images as it does.
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def load_fixture(method: str) -> dict:
+    fixture = torch.load(FIXTURES / f'{method}.pt', weights_only=False)
+    assert fixture['versions']['mmdet'] == '3.3.0'
+    return fixture
+
+
+# Per method, what else its fixture narrowed; the samplers take every candidate (as the generator's).
+METHOD_OPTS = {'atss': [],
+               'cascade_mask_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.BOX_HEAD_DIM', '32',
+                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000']}
+
+
+def fixture_model(method: str, fixture: dict):
+    config = load_config(str(ROOT / f'configs/detection/{method}_focalnet_tiny_srf_3x.yaml'),
+                         FIXTURE_OPTS + METHOD_OPTS[method])
+    model = build_detector(config, 80)
+    report = load_released(model, fixture['checkpoint']['state_dict'], model.released_keys)
+    assert report['num_tensors'] == len(model.state_dict())
+    return model
+
+
+def pack(images, shapes, pads, scales, originals, **targets) -> Batch:
+    """mmdetection's data preprocessor on its resized uint8 RGB images: normalise, pad to the batch."""
+    xs = [(im.permute(2, 0, 1).float() - MEAN) / STD for im in images]
+    H = max(math.ceil(x.shape[1] / 32) * 32 for x in xs)
+    W = max(math.ceil(x.shape[2] / 32) * 32 for x in xs)
+    tensor = torch.zeros(len(xs), 3, H, W)
+    for i, x in enumerate(xs):
+        tensor[i, :, :x.shape[1], :x.shape[2]] = x
+    return Batch(tensor, [tuple(s) for s in shapes], [tuple(p) for p in pads], [tuple(s) for s in scales],
+                 [tuple(o) for o in originals], **targets)
+
+
+def assert_same_detections(ours: dict, theirs: dict):
+    """Labels equal, boxes within 1e-3 px, scores within 1e-5, in mmdetection's order."""
+    assert len(ours['boxes']) == len(theirs['boxes']) > 20
+    assert torch.equal(ours['labels'] - 1, theirs['labels'])
+    assert (ours['boxes'] - theirs['boxes']).abs().max() < 1e-3
+    assert (ours['scores'] - theirs['scores']).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------- ATSS
+
+def test_atss_gives_mmdetections_detections_on_photographs():
+    """The official ATSS config with random weights, saved by mmdetection and loaded here strictly:
+    the same detections on two photographs, one resized by the test scale (240x360 -> 256x384) and
+    one already at it; our resize arrives at mmdetection's size and scale factors."""
+    fixture = load_fixture('atss')
+    model = fixture_model('atss', fixture).eval()
+    for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
+        H, W = meta['ori_shape']
+        assert model.transform.new_size(H, W, model.transform.test_size) == meta['img_shape']
+        h, w = meta['img_shape']
+        assert (w / W, h / H) == pytest.approx(meta['scale_factor'], abs=0)
+        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+        with torch.no_grad():
+            ours = model.predict_batch(batch)[0]
+        assert_same_detections(ours, theirs)
+
+
+def test_atss_training_step_gives_mmdetections_assignment_and_losses():
+    """Both photographs as one batch (the narrower one padded: its anchors on the padding are left
+    out), fixed boxes: ATSS assigns every anchor the class mmdetection assigns, and the focal, GIoU and
+    centre-ness losses are mmdetection's."""
+    fixture = load_fixture('atss')
+    model = fixture_model('atss', fixture).train()
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']))
+    head = model.bbox_head
+    outs = head(model.features(batch.tensor))
+    sizes = [tuple(c.shape[-2:]) for c in outs[0]]
+    labels, _, pos = head.targets(torch.cat(head.anchors(sizes, 'cpu')), sizes, batch)
+    assert torch.equal(labels, t['assignment'].long())
+    assert 20 < sum(len(idx) for _, idx, _ in pos) < 200
+    losses = model.loss_batch(batch)
+    assert set(losses) == set(t['losses'])
+    for name, value in t['losses'].items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_released_atss_loads_strictly_or_names_what_does_not_fit():
+    fixture = load_fixture('atss')
+    model = fixture_model('atss', fixture)
+    state = dict(fixture['checkpoint']['state_dict'])
+    state.pop('bbox_head.atss_centerness.bias')
+    state['bbox_head.extra.weight'] = torch.zeros(1)
+    state['roi_head.x'] = torch.zeros(1)
+    state['neck.fpn_convs.0.conv.weight'] = torch.zeros(32, 32, 1, 1)
+    with pytest.raises(CheckpointError) as e:
+        load_released(model, state, model.released_keys, 'atss.pth')
+    message = str(e.value)
+    assert '\n' not in message
+    for part in ('1 missing from the file: bbox_head.atss_centerness.bias',
+                 'unexpected in the file: roi_head.x, bbox_head.extra.weight',
+                 '1 of another shape: neck.fpn_convs.0.conv.weight file [32, 32, 1, 1] vs model [32, 32, 3, 3]'):
+        assert part in message, message
+
+
+def test_eval_of_a_released_atss_checkpoint(coco_root, tmp_path):
+    """`--eval --pretrained <released file>` evaluates the whole released detector (loaded strictly);
+    a bare backbone file is refused in one line."""
+    fixture = load_fixture('atss')
+    torch.save(fixture['checkpoint'], tmp_path / 'atss_released.pth')
+    # The released head has 80 classes; the synthetic set has 3, so the class layer does not fit.
+    proc = detection(['--cfg', 'configs/detection/atss_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
+                      '--output', str(tmp_path), '--eval', '--pretrained', str(tmp_path / 'atss_released.pth'),
+                      '--opts', *FIXTURE_OPTS], check=False)
+    assert proc.returncode == 2
+    assert re.search(r'of another shape: bbox_head\.atss_cls\.weight file \[80, 32, 3, 3\] vs model \[3, 32, 3, 3\]',
+                     proc.stderr), proc.stderr[-2000:]
+    state = {k: v[:3] if k.startswith('bbox_head.atss_cls') else v
+             for k, v in fixture['checkpoint']['state_dict'].items()}
+    torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'atss_3.pth')
+    detection(['--cfg', 'configs/detection/atss_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
+               '--output', str(tmp_path), '--eval', '--pretrained', str(tmp_path / 'atss_3.pth'),
+               '--opts', *FIXTURE_OPTS])
+    run = tmp_path / 'atss_focalnet_tiny_srf_3x' / 'default'
+    record = records(run)[-1]
+    assert record['mode'] == 'eval' and record['images'] == 24 and 'bbox_ap' in record
+    assert 'loaded the whole released detector (153 tensors)' in (run / 'log_rank0.txt').read_text()
+
+
+# ---------------------------------------------------------------------------------- Cascade Mask R-CNN
+
+def test_cascade_mask_rcnn_gives_mmdetections_detections_and_masks_on_photographs():
+    """The official Cascade Mask R-CNN config (BN for SyncBN) with random weights, running statistics
+    included: mmdetection's boxes, scores, labels and masks (pasted at the photograph's own size)."""
+    from pycocotools import mask as mask_util
+    fixture = load_fixture('cascade_mask_rcnn')
+    model = fixture_model('cascade_mask_rcnn', fixture).eval()
+    for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
+        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+        with torch.no_grad():
+            ours = model.predict_batch(batch)[0]
+        assert_same_detections(ours, theirs)
+        masks = torch.from_numpy(mask_util.decode(theirs['masks'])).permute(2, 0, 1).bool()
+        assert ours['masks'].shape == (len(masks), 1, *meta['ori_shape'])
+        mine = ours['masks'][:, 0] > 0.5
+        inter = (mine & masks).flatten(1).sum(1)
+        union = (mine | masks).flatten(1).sum(1)
+        same = (inter == union) | (inter >= 0.999 * union)
+        assert same.float().mean() >= 0.99 and union.sum() > 0
+
+
+def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
+    """Both photographs as one batch with boxes and masks: the RPN's and every stage's classification,
+    GIoU and mask losses are mmdetection's (every candidate sampled, so no random draw differs)."""
+    fixture = load_fixture('cascade_mask_rcnn')
+    model = fixture_model('cascade_mask_rcnn', fixture).train()
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    masks = [torch.from_numpy(np.unpackbits(m.numpy(), axis=-1)[..., :s[1]]) for m, s in zip(t['masks'], shapes)]
+    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']), masks=masks)
+    losses = model.loss_batch(batch)
+    # mmdetection's s{i}.loss_{part} are our loss_s{i}_{part}; its accuracies are not losses.
+    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- learning
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('coco')
+    rng = np.random.default_rng(0)
+    make_split(root, 'train2017', 64, rng, 1000)
+    make_split(root, 'val2017', 24, rng, 50000)
+    return root
+
+
+# A shrunk detector on 128 px images, one --opts away from the release config.
+SHRINK = ['MODEL.FOCAL.EMBED_DIM', '16', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.DROP_PATH_RATE', '0.0',
+          'DETECTION.FPN_CHANNELS', '32', 'DETECTION.MIN_SIZE_TRAIN', '[128]', 'DETECTION.MIN_SIZE_TEST', '128',
+          'DETECTION.MAX_SIZE', '192', 'DETECTION.CROP_RESIZE', '[]', 'DETECTION.WARMUP_ITERS', '10',
+          'TRAIN.BASE_LR', '2e-3', 'TRAIN.BASE_BATCH_SIZE', '4', 'DETECTION.DETECTIONS_PER_IMAGE', '30',
+          'DATA.NUM_WORKERS', '1', 'PRINT_FREQ', '10']
+
+
+def chance_ap(coco_root: Path) -> float:
+    """Box AP of 30 random boxes per validation image with random classes and scores."""
+    coco = COCO(str(coco_root / 'annotations' / 'instances_val2017.json'))
+    categories = sorted(coco.getCatIds())
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for image in coco.dataset['images']:
+        W, H = image['width'], image['height']
+        xy = torch.rand(30, 2, generator=g) * torch.tensor([W - 28, H - 28])
+        wh = 28 + torch.rand(30, 2, generator=g) * 36
+        results += to_coco_results(image['id'], {
+            'boxes': torch.cat([xy, xy + wh], 1), 'scores': torch.rand(30, generator=g),
+            'labels': torch.randint(1, len(categories) + 1, (30,), generator=g)}, categories)
+    return coco_metrics(coco, results, ('bbox',))['bbox_ap']
+
+
+def test_shrunk_atss_learns_from_scratch(coco_root, tmp_path):
+    """8 epochs of 16 steps from random weights: box AP far above chance; `--eval --resume` of the
+    last checkpoint reproduces the logged AP."""
+    out = tmp_path / 'run'
+    cfg = 'configs/detection/atss_focalnet_tiny_srf_3x.yaml'
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--batch-size', '4',
+               '--opts', *SHRINK, 'TRAIN.EPOCHS', '8', 'DETECTION.LR_STEPS', '[7]', 'DETECTION.EVAL_FREQ', '8'])
+    run = out / 'atss_focalnet_tiny_srf_3x' / 'default'
+    history = records(run)
+    last = history[-1]
+    chance = chance_ap(coco_root)
+    assert chance < 1.0
+    assert last['epoch'] == 7 and last['train_loss'] < history[0]['train_loss']
+    assert {'loss_cls', 'loss_bbox', 'loss_centerness'} <= set(last)
+    assert last['bbox_ap'] > 50 and last['bbox_ap50'] > 80, (last, chance)
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--eval',
+               '--resume', str(run / 'ckpt_epoch_7.pth'), '--opts', *SHRINK])
+    assert records(run)[-1]['bbox_ap'] == pytest.approx(last['bbox_ap'], abs=1e-6)
+
+
+# Cascade Mask R-CNN shrunk as the Mask R-CNN test shrinks it; 8 epochs of 14 steps (about 3 minutes
+# on one core: three RoI stages with adaptive RoIAlign cost more than Mask R-CNN's one).
+CASCADE_SHRINK = ['DETECTION.BOX_HEAD_DIM', '128', 'DETECTION.RPN_BATCH_SIZE', '64', 'DETECTION.ROI_BATCH_SIZE', '64',
+                  'TRAIN.EPOCHS', '8', 'DETECTION.LR_STEPS', '[7]', 'DETECTION.EVAL_FREQ', '8']
+CASCADE_MIN_AP = 30  # box AP 55.5, mask AP 66.7 when written; chance (chance_ap) is 0.1
+
+
+def test_shrunk_cascade_mask_rcnn_learns_from_scratch(coco_root, tmp_path):
+    """From random weights, with masks: box and mask AP far above chance."""
+    out = tmp_path / 'run'
+    detection(['--cfg', 'configs/detection/cascade_mask_rcnn_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
+               '--output', str(out), '--batch-size', '4', '--opts', *SHRINK, *CASCADE_SHRINK])
+    history = records(out / 'cascade_mask_rcnn_focalnet_tiny_srf_3x' / 'default')
+    last = history[-1]
+    assert last['train_loss'] < history[0]['train_loss']
+    assert {'loss_rpn_cls', 'loss_s0_cls', 'loss_s1_bbox', 'loss_s2_mask'} <= set(last)
+    assert last['bbox_ap'] > CASCADE_MIN_AP and last['segm_ap'] > CASCADE_MIN_AP, last
+
+
+# ---------------------------------------------------------------------------------- configs and cost
+
+@pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn'])
+def test_configs_hold_the_official_recipes(method):
+    for rf, levels in (('srf', 2), ('lrf', 3)):
+        c = load_config(str(ROOT / f'configs/detection/{method}_focalnet_tiny_{rf}_3x.yaml'))
+        assert c.DETECTION.METHOD == method and c.MODEL.NAME == f'{method}_focalnet_tiny_{rf}_3x'
+        assert (c.MODEL.FOCAL.EMBED_DIM, list(c.MODEL.FOCAL.DEPTHS)) == (96, [2, 2, 6, 2])
+        assert list(c.MODEL.FOCAL.FOCAL_LEVELS) == [levels] * 4
+        assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == [11, 9, 9, 7] and c.MODEL.DROP_PATH_RATE == 0.3
+        assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS), c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY) == (
+            36, [27, 33], 1e-4, 0.05)
+        assert (c.DETECTION.SCORE_THRESH, c.DETECTION.DETECTIONS_PER_IMAGE, c.DETECTION.MIN_SIZE_TEST,
+                c.DETECTION.MAX_SIZE) == (0.05, 100, 800, 1333)
+
+
+def test_cost_rows_match_the_paper(tmp_path):
+    from tools import benchmark
+    assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
+    rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
+    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x'):
+        r = rows[name]
+        assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005), name
+        assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02), name
