@@ -284,6 +284,8 @@ def architectures(configs: Sequence[str] = ()) -> Dict[str, Path]:
     table = {name: ROOT / 'configs' / f'{name}.yaml' for name in list_models()}
     for cfg in configs:
         path = Path(cfg)
+        if not_regular(cfg) == 'not found':
+            raise UserError(f'config file not found: {cfg}')  # the wording of every other entry point
         problem = file_problem(cfg, 'config')
         if problem:
             raise UserError(problem)

@@ -20,7 +20,7 @@ import torch
 from data.dataset_classes import COCO_CLASSES
 from errors import UserError
 from models.cost import count_params
-from tools.dense_predict import (OBJECT_COLOURS, ShowDir, checkpoint_config, collect_inputs, draw_detections,
+from tools.dense_predict import (run_command, OBJECT_COLOURS, ShowDir, checkpoint_config, collect_inputs, draw_detections,
                                  output_folder, output_names, read_image)
 from tools.loading import device_from_flag
 from engine.resume import load_checkpoint
@@ -119,14 +119,8 @@ def run(args) -> List[dict]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f'python -m detection.predict: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_command('python -m detection.predict', lambda: run(args))
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ import torch
 
 from errors import UserError
 from models.pretrained import CheckpointError
-from tools.dense_predict import (ShowDir, checkpoint_config, collect_inputs, draw_segmentation, output_folder,
+from tools.dense_predict import (run_command, ShowDir, checkpoint_config, collect_inputs, draw_segmentation, output_folder,
                                  output_names, palette_png, read_image)
 from tools.loading import device_from_flag
 
@@ -100,14 +100,8 @@ def run(args) -> List[dict]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f'python -m segmentation.predict: error: {e}', file=sys.stderr)
-        return 2
-    return 0
+    return run_command('python -m segmentation.predict', lambda: run(args))
 
 
 if __name__ == '__main__':

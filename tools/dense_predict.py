@@ -2,11 +2,13 @@
 images (files, folders, glob patterns; nothing but regular files), the config of a checkpoint, the
 drawings (torchvision's draw_bounding_boxes and draw_segmentation_masks) and the output folder.
 ``--eval --show-dir`` of both tasks draws with the same functions."""
+import logging
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +20,17 @@ from data.files import not_regular
 from errors import UserError
 from tools.predict import collect_images
 from engine.checkpoint import read_checkpoint
+
+def run_command(prog: str, run: Callable[[], object]) -> int:
+    """A predict command's exit status: 0, or 2 with one line naming the mistake (no traceback)."""
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        run()
+    except UserError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
 
 # ---- inputs -----------------------------------------------------------------------------------------
 

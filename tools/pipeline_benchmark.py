@@ -79,7 +79,18 @@ def _time_epoch(loader: DataLoader, epoch: int) -> Tuple[int, float, float]:
     return images, time.perf_counter() - start, cpu() - cpu_start
 
 
-def run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, images: int,
+def run_pipeline(*args, **kwargs):
+    """The benchmark with torch on one thread in the main process, as in a loader worker; the caller's
+    thread count is restored afterwards (tools/benchmark.py is also called in-process, by tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_pipeline(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, images: int,
                  gpu_rate: float, gpus: int, opts: List[str], psnr_images: int = 100,
                  sides: Tuple[int, int] = PHOTO_SIDES) -> Tuple[List[dict], List[str]]:
     config = cfg.load_config(None, opts)
@@ -93,7 +104,6 @@ def run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, im
     transforms = {'timm': build_transform(True, config), 'ours': build_train_transform(config)}
     if transforms['ours'] is transforms['timm']:
         raise ValueError('the fast path does not apply to this configuration (see DATA.FAST_PIPELINE)')
-    torch.set_num_threads(1)
     rows, lines = [], [f'data: {source}', f'load average at start: {os.getloadavg()[0]:.1f} '
                        f'on {os.cpu_count()} CPUs (shared machines: rely on the ratio)']
     for n in workers:
