@@ -35,7 +35,6 @@ def train_one_epoch(t: ClassificationTrainer, loader, epoch: int, num_steps: int
     """One epoch of ``num_steps`` micro-batches; ``resume``: the position of a mid-epoch checkpoint of
     this epoch (its steps done and running totals), the loader already set to start after them.
     After every optimizer step, a signal or a due periodic save writes the position reached."""
-    cfg = t.config
     accumulation = t.optimizer_step.accumulation
     updates_per_epoch = math.ceil(num_steps / accumulation)
     first, totals, progress = begin_epoch(t, epoch, num_steps, resume,

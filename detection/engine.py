@@ -37,7 +37,6 @@ def train_one_epoch(t: DetectionTrainer, loader, epoch: int, num_steps: int,
     detector's losses. ``resume``: the position of a mid-epoch checkpoint of this epoch (its steps
     done and running totals), the loader already set to start after them. After every optimizer step,
     a signal or a due periodic save writes the position reached."""
-    cfg = t.config
     accumulation = t.optimizer_step.accumulation
     updates_per_epoch = math.ceil(num_steps / accumulation)
     # 'parts': the sum of each of the detector's losses
