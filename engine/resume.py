@@ -4,9 +4,11 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from errors import UserError
+
+from models.state_fit import fit_problems
 
 from .checkpoint import list_checkpoints, read_checkpoint
 from .checkpoint_checks import check_checkpoint, check_optimizer_fits
@@ -14,34 +16,6 @@ from .config_merge import config_differences
 from .seed import set_rng_state
 
 logger = logging.getLogger('focalnet')
-
-_SHOWN = 10
-
-
-def _listing(items: List[str], shown: Optional[int] = _SHOWN) -> str:
-    shown = len(items) if shown is None else shown
-    more = [f'... and {len(items) - shown} more'] if len(items) > shown else []
-    return '\n    ' + '\n    '.join(items[:shown] + more)
-
-
-def fit_problems(file_state: Mapping, model_state: Mapping, shown: Optional[int] = _SHOWN) -> List[str]:
-    """What keeps ``file_state`` from loading strictly into a model with ``model_state``: counts, then
-    the keys with their shapes (the first ``shown`` of each kind, and how many more; None: all), as
-    load_pretrained reports them."""
-    def shape(t) -> str:
-        return str(list(t.shape))
-
-    missing = [f'{k} {shape(v)}' for k, v in model_state.items() if k not in file_state]
-    unexpected = [f'{k} {shape(v)}' for k, v in file_state.items() if k not in model_state]
-    other = [f'{k} file {shape(file_state[k])} vs model {shape(v)}' for k, v in model_state.items()
-             if k in file_state and file_state[k].shape != v.shape]
-    problems = []
-    for count, what in ((missing, 'missing from the file'), (unexpected, 'unexpected in the file'),
-                        (other, 'of another shape')):
-        if count:
-            problems.append(f'{len(count)} {what}:{_listing(count, shown)}')
-    return problems
-
 
 def _load_strict(module, state_dict, what: str, path: str):
     problems = fit_problems(state_dict, module.state_dict())

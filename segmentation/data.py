@@ -29,6 +29,7 @@ from data.robust import (CorruptImageError, DataError, SkipReportingLoader, coll
                          open_image)
 from data.workers import worker_count
 from engine.seed import seed_worker
+from models.state_fit import listing
 from utils import get_rank, get_world_size
 
 from .transforms import IGNORE_INDEX
@@ -97,7 +98,7 @@ def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
         (passed_over.append(f'{name} ({problem})') if problem else names.append(name))
     if passed_over:
         logger.warning(f'{image_dir}: passing over {len(passed_over)} name(s) with an image extension that '
-                       f'are not regular files: {_listing(passed_over)}')
+                       f'are not regular files: {listing(passed_over)}')
     if not names:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {image_dir}')
     pairs = [(os.path.join(image_dir, n), os.path.join(label_dir, os.path.splitext(n)[0] + '.png'))
@@ -107,18 +108,13 @@ def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
                 for label, problem in unusable if problem]
     if unusable:
         raise DataError(f'{len(unusable)} image(s) of {image_dir} have no readable label map: '
-                        f'{_listing(unusable, 3)}')
+                        f'{listing(unusable, 3)}')
     labelled = {os.path.splitext(n)[0] for n in names}
     orphans = sorted(f for f in os.listdir(label_dir) if f.endswith('.png') and f[:-4] not in labelled)
     if orphans:
         logger.warning(f'{label_dir}: {len(orphans)} label map(s) without an image in {image_dir} are '
-                       f'not used: {_listing(orphans)}')
+                       f'not used: {listing(orphans)}')
     return pairs
-
-
-def _listing(items: Sequence[str], shown: int = 10) -> str:
-    more = f' and {len(items) - shown} more' if len(items) > shown else ''
-    return ', '.join(items[:shown]) + more
 
 
 def pair_problem(image_path: str, label_path: str) -> Optional[Tuple[str, str]]:
