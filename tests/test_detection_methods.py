@@ -21,7 +21,7 @@ from detection.model import build_detector
 from detection.released import load_released
 from models.pretrained import CheckpointError
 
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'), pytest.mark.usefixtures('fixture_threads')]
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'mmdet'
 # The fixtures' architecture (tests/mmref/make_mmdet_fixtures_detmore.py): the official config with a
