@@ -24,6 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 from timm.data import auto_augment
+
 # timm's geometric ops and the Pillow AFFINE matrix each one applies, from its argument and the
 # image size (the matrix maps output pixel centres to source positions, as Image.transform's data).
 _MATRICES = {
@@ -58,13 +59,13 @@ def _rotation(degrees: float, w: int, h: int) -> Optional[Tuple[float, ...]]:
     return (a, b, a * -cx + b * -cy + cx, d, e, d * -cx + e * -cy + cy)
 
 
-FLIP = 'FlipLeftRight'  # the random horizontal flip, left for the device with DATA.GPU_DECODE
+FLIP = 'FlipLeftRight'  # the random horizontal flip, left for the device with RandAugment's ops
 
 
 @dataclass
 class DeviceOp:
-    """One RandAugment op left for the device: timm's op name, the arguments its ``aug_fn`` got
-    (the filter already drawn) and, for the geometric ops, the Pillow transform."""
+    """One op left for the device (the flip, or a RandAugment op: timm's op name and the arguments
+    its ``aug_fn`` got, the filter already drawn; for the geometric ops, the Pillow transform)."""
     name: str
     args: Tuple = ()
     affine: Optional[Affine] = None
@@ -96,7 +97,7 @@ def _release_posterize():
     return release_posterize
 
 
-def _lut_op_applies(name: str, aug_fn) -> bool:
+def _device_reproduces(name: str, aug_fn) -> bool:
     """Whether ``aug_fn`` is the Pillow function the device version of ``name`` reproduces."""
     if name in _POSTERIZE:
         return aug_fn is _release_posterize()
@@ -126,7 +127,8 @@ class _Apply:
 
 
 class _OnDevice:
-    """A lookup-table op for a Staged image: recorded, to be applied on the device."""
+    """A colour op (lookup-table, histogram or enhance op) for a Staged image: recorded, to be
+    applied on the device."""
 
     def __init__(self, name: str, aug_fn):
         self.name, self.aug_fn = name, aug_fn
@@ -169,7 +171,7 @@ class StagedRandAugment:
         for op in self.randaugment.ops:
             if op.name in _MATRICES:
                 op.aug_fn = _GeometricOnDevice(op.name, op.aug_fn)
-            elif op.name in _LUTS and _lut_op_applies(op.name, op.aug_fn):
+            elif op.name in _LUTS and _device_reproduces(op.name, op.aug_fn):
                 op.aug_fn = _OnDevice(op.name, op.aug_fn)
             else:
                 op.aug_fn = _InWorker(op.aug_fn)
@@ -420,7 +422,7 @@ def _flip(pixels, args):
 
 
 _POSTERIZE = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
-# RandAugment op names (timm's) the device applies; see _lut_op_applies.
+# RandAugment op names (timm's) the device applies; see _device_reproduces.
 _LUTS = {'Invert': _invert, 'Solarize': _solarize, 'SolarizeIncreasing': _solarize,
          'SolarizeAdd': _solarize_add, 'AutoContrast': _autocontrast, 'Equalize': _equalize,
          **{name: _posterize for name in _POSTERIZE},
