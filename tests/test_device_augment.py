@@ -148,7 +148,8 @@ def test_ops_on_a_gpu_give_the_cpus_pixels():
     img = _photo(0).resize((224, 224))
     for name in dev._MATRICES:
         affine = dev.Affine(dev._MATRICES[name](0.3 if 'Rotate' not in name else 21.0, 224, 224), True, FILL)
-        assert torch.equal(dev.pillow_affine(_pixels(img).cuda(), affine).cpu(), dev.pillow_affine(_pixels(img), affine))
+        on_gpu = dev.pillow_affine(_pixels(img).cuda(), affine).cpu()
+        assert torch.equal(on_gpu, dev.pillow_affine(_pixels(img), affine))
 
 
 def _gpu_decode_transform():

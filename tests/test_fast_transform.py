@@ -220,8 +220,9 @@ def test_reduced_decode_of_crops_reaching_the_corner_of_odd_sized_images():
 def test_decoder_choice_is_dispatched_on_what_the_header_says(monkeypatch):
     """Plain 8-bit colour JPEGs go to torchvision's decoder; without it (or without its filter), Pillow."""
     calls = []
-    monkeypatch.setattr(fast_module, '_draft_crop_resize', lambda *a: calls.append('draft') or Image.new('RGB', (224, 224)))
-    monkeypatch.setattr(fast_module.EncodedJpeg, 'decode', lambda self: calls.append('torch') or Image.new('RGB', (224, 224)))
+    image = Image.new('RGB', (224, 224))
+    monkeypatch.setattr(fast_module, '_draft_crop_resize', lambda *a: calls.append('draft') or image)
+    monkeypatch.setattr(fast_module.EncodedJpeg, 'decode', lambda self: calls.append('torch') or image)
     fast = build_train_transform(RECIPE)
     data = _encode(_photo(1))
     _seeded(0, lambda: fast._crop_resize(data, 'x'))

@@ -505,10 +505,11 @@ def check_pipeline(mode: dict, out: Path) -> dict:
     from data.transforms import build_transform
     device = mode['device']
     count = 32 if device.type == 'cpu' else 128
-    files = sorted((write_photo_folder(out / 'pipeline_photos', count, seed=0, sizes=(250, 500)) / 'train').rglob('*.jpg'))
+    root = write_photo_folder(out / 'pipeline_photos', count, seed=0, sizes=(250, 500))
+    files = sorted((root / 'train').rglob('*.jpg'))
     config = cfg.load_config(None, [])
-    variants = {name: fast_train_transform(build_transform(True, config), **kw) for name, kw in
-                (('in_worker', {}), ('ops_on_device', {'device_augment': True}), ('decode_on_device', {'gpu_decode': True}))}
+    options = {'in_worker': {}, 'ops_on_device': {'device_augment': True}, 'decode_on_device': {'gpu_decode': True}}
+    variants = {name: fast_train_transform(build_transform(True, config), **kw) for name, kw in options.items()}
     raws, worker_ms = {}, {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker
@@ -545,8 +546,8 @@ def check_pipeline(mode: dict, out: Path) -> dict:
         raise CheckFailed(f'decoding left to the CPU differs from the worker\'s ({psnr:.1f} dB)')
     if psnr < 35:
         raise CheckFailed(f'decoding on {device}: PSNR {psnr:.1f} dB against the worker\'s decode (bound 35)')
-    summary = (f'{count} photos: {left} with the flip or RandAugment ops left to the device, identical; {encoded} decoded '
-               f'there, PSNR {psnr:.1f} dB; RawBatch.to ms/image: ' +
+    summary = (f'{count} photos: {left} with the flip or RandAugment ops left to the device, identical; '
+               f'{encoded} decoded there, PSNR {psnr:.1f} dB; RawBatch.to ms/image: ' +
                ', '.join(f'{k} {v:.3f}' for k, v in finish_ms.items()) + '; worker CPU ms/image: ' +
                ', '.join(f'{k} {v:.2f}' for k, v in worker_ms.items()))
     return {'summary': summary, 'images': count, 'ops_left_to_device': left, 'decoded_on_device': encoded,
