@@ -93,8 +93,8 @@ def check_detection_config(config):
     if steps != sorted(steps) or any(not 0 < s < config.TRAIN.EPOCHS for s in steps):
         raise UserError(f'DETECTION.LR_STEPS must be increasing epochs between 1 and TRAIN.EPOCHS - 1 '
                         f'({config.TRAIN.EPOCHS - 1}); got {steps}')
-    if d.DECAY_GROUPS not in ('official', 'classification'):
-        raise UserError(f'DETECTION.DECAY_GROUPS must be official or classification; got {d.DECAY_GROUPS!r}')
+    if d.DECAY_GROUPS not in ('official', 'classification', 'all'):
+        raise UserError(f'DETECTION.DECAY_GROUPS must be official, classification or all; got {d.DECAY_GROUPS!r}')
     if config.TRAIN.EMA.ENABLED:
         raise UserError('TRAIN.EMA.ENABLED: python -m detection keeps no weight EMA; set it False')
     if d.METHOD == 'fcos' and d.FPN_CHANNELS % 32:
@@ -311,8 +311,8 @@ def train(config, loaders, model, device, autocast, dtype, out, metrics_path) ->
             torch.zeros(2, 3, 64, 64, device=device))).backward())
     scale = lr_scale(config, get_world_size())
     groups = None
-    if config.DETECTION.DECAY_GROUPS == 'official':
-        groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY)
+    if config.DETECTION.DECAY_GROUPS in ('official', 'all'):
+        groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY, spare=config.DETECTION.DECAY_GROUPS == 'official')
     optimizer = build_optimizer(config, model, scale, groups)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     scheduler = build_detection_scheduler(config, optimizer, math.ceil(len(loaders.train) / accumulation), scale)

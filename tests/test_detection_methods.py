@@ -42,7 +42,9 @@ def load_fixture(method: str) -> dict:
 # Per method, what else its fixture narrowed; the samplers take every candidate (as the generator's).
 METHOD_OPTS = {'atss': [],
                'cascade_mask_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.BOX_HEAD_DIM', '32',
-                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000']}
+                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000'],
+               'sparse_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.SPARSE.FFN_CHANNELS', '64',
+                               'DETECTION.SPARSE.DYNAMIC_CHANNELS', '8']}
 
 
 def fixture_model(method: str, fixture: dict):
@@ -199,6 +201,94 @@ def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
         assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- Sparse R-CNN
+
+# The thread count the fixture was made with (tests/mmref/make_mmdet_fixtures_detmore.py THREADS).
+FIXTURE_THREADS = 1
+
+
+@pytest.fixture
+def fixture_threads():
+    """The comparisons run at the fixture's thread count; the caller's is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(FIXTURE_THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def match_detections(ours: dict, theirs: dict):
+    """Every detection of ours is one of mmdetection's (same label, box within 1e-3 px, score within
+    1e-5) and the other way round. mmdetection's top-k is unsorted, ours sorted by score: the sets
+    are compared."""
+    assert len(ours['boxes']) == len(theirs['boxes']) == 300
+    unused = torch.ones(len(theirs['boxes']), dtype=torch.bool)
+    for box, score, label in zip(ours['boxes'], ours['scores'], ours['labels'] - 1):
+        same = (unused & (theirs['labels'] == label) & ((theirs['boxes'] - box).abs().max(1)[0] < 1e-3)
+                & ((theirs['scores'] - score).abs() < 1e-5))
+        assert same.any(), (box, score, label)
+        unused[same.nonzero()[0, 0]] = False
+    assert not unused.any()
+
+
+def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(fixture_threads):
+    """The official Sparse R-CNN config (300 proposals, six stages) with random weights, saved by
+    mmdetection and loaded here strictly: the same 300 detections on each photograph."""
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture).eval()
+    for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
+        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+        with torch.no_grad():
+            ours = model.predict_batch(batch)[0]
+        assert torch.equal(ours['scores'], ours['scores'].sort(descending=True)[0])
+        match_detections(ours, theirs)
+
+
+def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(fixture_threads):
+    """Both photographs as one batch with fixed boxes: at every stage the Hungarian matching gives
+    each proposal the box mmdetection gives it, and the focal, L1 and GIoU losses are mmdetection's."""
+    from detection.sparse_rcnn import hungarian_match
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture).train()
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']))
+    matches = []
+
+    def recording(*args, **kwargs):
+        rows, cols = hungarian_match(*args, **kwargs)
+        gt_inds = torch.zeros(len(args[0]), dtype=torch.long)
+        gt_inds[rows] = cols + 1
+        matches.append(gt_inds)
+        return rows, cols
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr('detection.sparse_rcnn.hungarian_match', recording)
+        losses = model.loss_batch(batch)
+    assert torch.equal(torch.stack(matches).view(6, 2, -1), t['assignment'].long())
+    # mmdetection's s{i}.loss_{cls,bbox,iou} are our loss_s{i}_{cls,bbox,iou}; its accuracies are not losses.
+    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
+    assert set(losses) == set(expected) and len(expected) == 18
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_released_sparse_rcnn_loads_strictly_or_names_what_does_not_fit():
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture)
+    state = dict(fixture['checkpoint']['state_dict'])
+    state.pop('rpn_head.init_proposal_features.weight')
+    state['roi_head.bbox_head.6.fc_cls.weight'] = torch.zeros(80, 16)
+    with pytest.raises(CheckpointError) as e:
+        load_released(model, state, model.released_keys, 'sparse.pth')
+    message = str(e.value)
+    assert '\n' not in message
+    for part in ('1 missing from the file: rpn_head.init_proposal_features.weight',
+                 '1 unexpected in the file: roi_head.bbox_head.6.fc_cls.weight'):
+        assert part in message, message
 
 
 # ---------------------------------------------------------------------------------- learning
