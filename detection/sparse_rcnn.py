@@ -19,6 +19,7 @@ the official config), no score threshold and no NMS.
 Parameter names are mmdetection's (``backbone``, ``neck``, ``rpn_head.init_proposal_*``,
 ``roi_head.bbox_head.{i}.*``), so a released checkpoint loads through ``RELEASED_KEYS`` unchanged.
 """
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -145,7 +146,7 @@ class DIIHead(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
-        nn.init.constant_(self.fc_cls.bias, -torch.log(torch.tensor((1 - 0.01) / 0.01)).item())
+        nn.init.constant_(self.fc_cls.bias, -math.log((1 - 0.01) / 0.01))
 
     def forward(self, roi_feat: torch.Tensor, proposal_feat: torch.Tensor):
         """(B x P, C, 7, 7) RoIs, (B, P, C) proposal features -> class logits (B, P, K), deltas

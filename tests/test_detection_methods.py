@@ -365,6 +365,34 @@ def test_shrunk_cascade_mask_rcnn_learns_from_scratch(coco_root, tmp_path):
     assert last['bbox_ap'] > CASCADE_MIN_AP and last['segm_ap'] > CASCADE_MIN_AP, last
 
 
+# Sparse R-CNN shrunk further: 30 proposals (the images hold 1-3 objects), three stages, narrow FFN
+# and dynamic convolution, the rate of the other tests scaled up for the slower set-prediction
+# training; 40 epochs of 16 steps (about 2 minutes on one core).
+SPARSE_SHRINK = ['DETECTION.SPARSE.NUM_PROPOSALS', '30', 'DETECTION.SPARSE.NUM_STAGES', '3',
+                 'DETECTION.SPARSE.FFN_CHANNELS', '64', 'DETECTION.SPARSE.DYNAMIC_CHANNELS', '8',
+                 'DETECTION.DETECTIONS_PER_IMAGE', '30', 'TRAIN.BASE_LR', '1e-3']
+SPARSE_MIN_AP = 25  # box AP 50.9 (AP50 76.9) when written; chance (chance_ap) is 0.1
+
+
+def test_shrunk_sparse_rcnn_learns_from_scratch(coco_root, tmp_path):
+    """From random weights, Hungarian-matched learned proposals: box AP far above chance; `--eval
+    --resume` of the last checkpoint reproduces the logged AP."""
+    out = tmp_path / 'run'
+    cfg = 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--batch-size', '4',
+               '--opts', *SHRINK, *SPARSE_SHRINK, 'TRAIN.EPOCHS', '40', 'DETECTION.LR_STEPS', '[34]',
+               'DETECTION.EVAL_FREQ', '40'])
+    run = out / 'sparse_rcnn_focalnet_tiny_srf_3x' / 'default'
+    history = records(run)
+    last = history[-1]
+    assert last['epoch'] == 39 and last['train_loss'] < history[0]['train_loss'] / 2
+    assert {'loss_s0_cls', 'loss_s1_bbox', 'loss_s2_iou'} <= set(last)
+    assert last['bbox_ap'] > SPARSE_MIN_AP and last['bbox_ap50'] > 2 * SPARSE_MIN_AP, last
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--eval',
+               '--resume', str(run / 'ckpt_epoch_39.pth'), '--opts', *SHRINK, *SPARSE_SHRINK])
+    assert records(run)[-1]['bbox_ap'] == pytest.approx(last['bbox_ap'], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------- configs and cost
 
 @pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn'])
@@ -381,11 +409,27 @@ def test_configs_hold_the_official_recipes(method):
                 c.DETECTION.MAX_SIZE) == (0.05, 100, 800, 1333)
 
 
+def test_sparse_rcnn_configs_hold_the_official_recipe():
+    for rf, levels in (('srf', 2), ('lrf', 3)):
+        c = load_config(str(ROOT / f'configs/detection/sparse_rcnn_focalnet_tiny_{rf}_3x.yaml'))
+        assert c.DETECTION.METHOD == 'sparse_rcnn' and c.MODEL.NAME == f'sparse_rcnn_focalnet_tiny_{rf}_3x'
+        assert (c.MODEL.FOCAL.EMBED_DIM, list(c.MODEL.FOCAL.DEPTHS)) == (96, [2, 2, 6, 2])
+        assert list(c.MODEL.FOCAL.FOCAL_LEVELS) == [levels] * 4
+        assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == [11, 9, 9, 7] and c.MODEL.DROP_PATH_RATE == 0.3
+        assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS), c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY) == (
+            36, [27, 33], 2.5e-5, 1e-4)
+        assert (c.TRAIN.CLIP_GRAD, c.DETECTION.DECAY_GROUPS, c.DETECTION.BASE_BATCH) == (1.0, 'all', 16)
+        assert (c.DETECTION.SPARSE.NUM_PROPOSALS, c.DETECTION.SPARSE.NUM_STAGES, c.DETECTION.DETECTIONS_PER_IMAGE,
+                c.DETECTION.MIN_SIZE_TEST, c.DETECTION.MAX_SIZE) == (300, 6, 300, 800, 1333)
+        assert list(c.DETECTION.CROP_RESIZE) == [400, 500, 600] and list(c.DETECTION.CROP_SIZE) == [384, 600]
+
+
 def test_cost_rows_match_the_paper(tmp_path):
     from tools import benchmark
     assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
     rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
-    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x'):
+    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x',
+                 'sparse_rcnn_focalnet_tiny_lrf_3x'):
         r = rows[name]
         assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005), name
         assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02), name
