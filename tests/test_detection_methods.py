@@ -291,6 +291,21 @@ def test_released_sparse_rcnn_loads_strictly_or_names_what_does_not_fit():
         assert part in message, message
 
 
+def test_eval_of_a_released_sparse_rcnn_checkpoint(coco_root, tmp_path):
+    """`--eval --pretrained <released file>` evaluates the whole released Sparse R-CNN (its six class
+    layers cut to the synthetic set's 3 classes), with the config's 300 detections per image."""
+    fixture = load_fixture('sparse_rcnn')
+    state = {k: v[:3] if '.fc_cls.' in k else v for k, v in fixture['checkpoint']['state_dict'].items()}
+    torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'sparse_3.pth')
+    cfg = 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(tmp_path), '--eval',
+               '--pretrained', str(tmp_path / 'sparse_3.pth'), '--opts', *FIXTURE_OPTS, *METHOD_OPTS['sparse_rcnn']])
+    run = tmp_path / 'sparse_rcnn_focalnet_tiny_srf_3x' / 'default'
+    record = records(run)[-1]
+    assert record['mode'] == 'eval' and record['images'] == 24 and 'bbox_ap' in record
+    assert f'loaded the whole released detector ({len(state)} tensors)' in (run / 'log_rank0.txt').read_text()
+
+
 # ---------------------------------------------------------------------------------- learning
 
 @pytest.fixture(scope='module')
