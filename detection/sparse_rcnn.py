@@ -212,8 +212,9 @@ class SparseRoIHead(nn.Module):
         rois = rois_of(list(boxes))
         roi_feat = roi_features(feats, rois, self.strides, 7, sampling_ratio=2)
         cls, deltas, features = self.bbox_head[i](roi_feat, features)
-        refined = decode_deltas(boxes.reshape(-1, 4), deltas.reshape(-1, 4), STDS).view(B, P, 4)
-        return cls, refined, features
+        # Boxes and scores in float32 under autocast: half precision has 0.5 px steps at 1000 px.
+        refined = decode_deltas(boxes.float().reshape(-1, 4), deltas.float().reshape(-1, 4), STDS).view(B, P, 4)
+        return cls.float(), refined, features
 
     @torch.no_grad()
     def predict(self, feats, boxes: torch.Tensor, features: torch.Tensor, batch: Batch) -> List[Dict[str, torch.Tensor]]:
