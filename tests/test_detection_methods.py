@@ -439,6 +439,18 @@ def test_sparse_rcnn_configs_hold_the_official_recipe():
         assert list(c.DETECTION.CROP_RESIZE) == [400, 500, 600] and list(c.DETECTION.CROP_SIZE) == [384, 600]
 
 
+def test_decay_groups_all_decays_every_parameter():
+    """DETECTION.DECAY_GROUPS all (the Sparse R-CNN recipe) spares nothing; official spares norms."""
+    from detection.recipe import decay_groups
+    config = load_config(str(ROOT / 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'),
+                         FIXTURE_OPTS + METHOD_OPTS['sparse_rcnn'])
+    model = build_detector(config, 3)
+    decayed, spared = decay_groups(model, 1e-4, spare=False)
+    assert len(decayed['params']) == len(list(model.parameters())) and not spared['params']
+    decayed, spared = decay_groups(model, 1e-4)
+    assert len(spared['params']) > 0 and spared['weight_decay'] == 0.0
+
+
 def test_cost_rows_match_the_paper(tmp_path):
     from tools import benchmark
     assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0

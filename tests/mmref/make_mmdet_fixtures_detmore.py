@@ -1,15 +1,17 @@
-"""Fixtures for the ATSS (and further) detector tests, made by mmdetection itself.
+"""Fixtures for the ATSS, Cascade Mask R-CNN and Sparse R-CNN tests, made by mmdetection itself.
 
 Run in the reference environment (requirements-mmref.txt), from the repository root:
 
-    python tests/mmref/make_mmdet_fixtures_detmore.py atss
+    python tests/mmref/make_mmdet_fixtures_detmore.py atss cascade_mask_rcnn sparse_rcnn
 
 For each method: the official config (the FocalNet repository's, in mmdetection 3.x's form) at small
 widths, with random weights (every tensor perturbed off its initial value), saved as a released
 checkpoint; mmdetection's own test pipeline (its resize) and ``test_step`` on two real photographs
 (scikit-learn's sample images: one that the test scale resizes, one already at it); and the losses of
-one training step on both images as one batch, with fixed boxes. Written to
-tests/fixtures/mmdet/<method>.pt with the versions that made it.
+one training step on both images as one batch, with fixed boxes (with ATSS's assignment of every
+anchor, and Sparse R-CNN's Hungarian match of every proposal at every stage). Torch runs on THREADS
+threads, as the tests compare. Written to tests/fixtures/mmdet/<method>.pt with the versions that
+made it.
 """
 import argparse
 import copy
