@@ -241,6 +241,8 @@ class SparseRoIHead(nn.Module):
         return losses
 
     def stage_loss(self, cls: torch.Tensor, boxes: torch.Tensor, whwh: torch.Tensor, batch: Batch):
+        """One stage's {'cls', 'bbox', 'iou'} losses for its logits (B, P, K) and decoded boxes (B, P, 4),
+        after matching them to each image's boxes; ``whwh`` (B, 4) normalises the L1 term."""
         B, P, K = cls.shape
         labels = torch.full((B, P), K, dtype=torch.long, device=cls.device)
         img, prop, targets = [], [], []
