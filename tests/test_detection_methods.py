@@ -21,7 +21,7 @@ from detection.model import build_detector
 from detection.released import load_released
 from models.pretrained import CheckpointError
 
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'), pytest.mark.usefixtures('fixture_threads')]
 
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'mmdet'
 # The fixtures' architecture (tests/mmref/make_mmdet_fixtures_detmore.py): the official config with a
@@ -132,7 +132,7 @@ def test_released_atss_loads_strictly_or_names_what_does_not_fit():
     message = str(e.value)
     assert '\n' not in message
     for part in ('1 missing from the file: bbox_head.atss_centerness.bias',
-                 'unexpected in the file: roi_head.x, bbox_head.extra.weight',
+                 '2 unexpected in the file: roi_head.x [1], bbox_head.extra.weight [1]',
                  '1 of another shape: neck.fpn_convs.0.conv.weight file [32, 32, 1, 1] vs model [32, 32, 3, 3]'):
         assert part in message, message
 
@@ -205,15 +205,15 @@ def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
 
 # ---------------------------------------------------------------------------------- Sparse R-CNN
 
-# The thread count the fixture was made with (tests/mmref/make_mmdet_fixtures_detmore.py THREADS).
-FIXTURE_THREADS = 1
+# The thread count the Sparse R-CNN fixture was made with (tests/mmref/make_mmdet_fixtures_detmore.py
+# THREADS), set inside the module's pin (conftest.fixture_threads) and undone after the test.
+SPARSE_THREADS = 1
 
 
 @pytest.fixture
-def fixture_threads():
-    """The comparisons run at the fixture's thread count; the caller's is restored afterwards."""
+def sparse_threads():
     before = torch.get_num_threads()
-    torch.set_num_threads(FIXTURE_THREADS)
+    torch.set_num_threads(SPARSE_THREADS)
     yield
     torch.set_num_threads(before)
 
@@ -232,7 +232,7 @@ def match_detections(ours: dict, theirs: dict):
     assert not unused.any()
 
 
-def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(fixture_threads):
+def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(sparse_threads):
     """The official Sparse R-CNN config (300 proposals, six stages) with random weights, saved by
     mmdetection and loaded here strictly: the same 300 detections on each photograph."""
     fixture = load_fixture('sparse_rcnn')
@@ -245,7 +245,7 @@ def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(fixture_thread
         match_detections(ours, theirs)
 
 
-def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(fixture_threads):
+def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(sparse_threads):
     """Both photographs as one batch with fixed boxes: at every stage the Hungarian matching gives
     each proposal the box mmdetection gives it, and the focal, L1 and GIoU losses are mmdetection's."""
     from detection.sparse_rcnn import hungarian_match
@@ -321,7 +321,7 @@ def coco_root(tmp_path_factory) -> Path:
 SHRINK = ['MODEL.FOCAL.EMBED_DIM', '16', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.DROP_PATH_RATE', '0.0',
           'DETECTION.FPN_CHANNELS', '32', 'DETECTION.MIN_SIZE_TRAIN', '[128]', 'DETECTION.MIN_SIZE_TEST', '128',
           'DETECTION.MAX_SIZE', '192', 'DETECTION.CROP_RESIZE', '[]', 'DETECTION.WARMUP_ITERS', '10',
-          'TRAIN.BASE_LR', '2e-3', 'DETECTION.BASE_BATCH', '4', 'DETECTION.DETECTIONS_PER_IMAGE', '30',
+          'TRAIN.BASE_LR', '2e-3', 'TRAIN.BASE_BATCH_SIZE', '4', 'DETECTION.DETECTIONS_PER_IMAGE', '30',
           'DATA.NUM_WORKERS', '1', 'PRINT_FREQ', '10']
 
 
