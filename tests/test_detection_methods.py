@@ -433,7 +433,7 @@ def test_sparse_rcnn_configs_hold_the_official_recipe():
         assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == [11, 9, 9, 7] and c.MODEL.DROP_PATH_RATE == 0.3
         assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS), c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY) == (
             36, [27, 33], 2.5e-5, 1e-4)
-        assert (c.TRAIN.CLIP_GRAD, c.DETECTION.DECAY_GROUPS, c.DETECTION.BASE_BATCH) == (1.0, 'all', 16)
+        assert (c.TRAIN.CLIP_GRAD, c.DETECTION.DECAY_GROUPS, c.TRAIN.BASE_BATCH_SIZE) == (1.0, 'all', 16)
         assert (c.DETECTION.SPARSE.NUM_PROPOSALS, c.DETECTION.SPARSE.NUM_STAGES, c.DETECTION.DETECTIONS_PER_IMAGE,
                 c.DETECTION.MIN_SIZE_TEST, c.DETECTION.MAX_SIZE) == (300, 6, 300, 800, 1333)
         assert list(c.DETECTION.CROP_RESIZE) == [400, 500, 600] and list(c.DETECTION.CROP_SIZE) == [384, 600]
