@@ -179,9 +179,9 @@ def rois_of(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, strides: Sequence[int], size: int,
-                 finest_scale: int = 56) -> torch.Tensor:
+                 finest_scale: int = 56, sampling_ratio: int = 0) -> torch.Tensor:
     """mmdetection's SingleRoIExtractor: each RoI from level floor(log2(sqrt(area) / 56)) (clamped),
-    RoIAlign with adaptive sampling, aligned."""
+    RoIAlign with ``sampling_ratio`` samples a bin (0: adaptive), aligned."""
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(min=0, max=len(strides) - 1).long()
     out = feats[0].new_zeros(len(rois), feats[0].shape[1], size, size)
@@ -189,7 +189,7 @@ def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, strides: Seq
         inds = (levels == lvl).nonzero().view(-1)
         if len(inds):
             out[inds] = roi_align(feats[lvl], rois[inds], (size, size), spatial_scale=1.0 / stride,
-                                  sampling_ratio=0, aligned=True)
+                                  sampling_ratio=sampling_ratio, aligned=True)
     return out
 
 
