@@ -32,6 +32,8 @@ DETECTION = [
 ]
 DETECTION_PREDICT = ('python -m detection.predict --checkpoint output/mask_rcnn_shapes/default/ckpt_epoch_7.pth '
                      'shapes_coco/val2017 --output-dir predictions')
+ATSS_PREDICT = ('python -m detection.predict --checkpoint output/atss_shapes/default/ckpt_epoch_7.pth '
+                'shapes_coco/val2017 --output-dir predictions_atss')
 DETECTION_SHOW = ('python -m detection --cfg configs/demo/mask_rcnn_shapes.yaml --data-path shapes_coco --output output '
                   '--eval --resume output/mask_rcnn_shapes/default/ckpt_epoch_7.pth --show-dir shown')
 SEGMENTATION = [
@@ -82,7 +84,7 @@ def test_the_quick_start_commands_are_the_documented_ones():
     def lines(path):
         return [line.strip() for line in (ROOT / path).read_text().splitlines()]
     detection, segmentation, readme = lines('docs/detection.md'), lines('docs/segmentation.md'), lines('README.md')
-    for command in DETECTION + [DETECTION_PREDICT, DETECTION_SHOW]:
+    for command in DETECTION + [DETECTION_PREDICT, ATSS_PREDICT, DETECTION_SHOW]:
         assert command in detection, command
     for command in SEGMENTATION + [SEGMENTATION_PREDICT, SEGMENTATION_SHOW]:
         assert command in segmentation, command
@@ -124,11 +126,15 @@ def test_atss_learns_the_shapes(detection_runs):
     assert all(v is not None and 0 <= v <= 100 for v in last['bbox_ap_per_class'].values())
 
 
-def test_detection_predictions_score_the_logged_ap(detection_runs):
+@pytest.mark.parametrize('command, out, run, iou_types', [
+    (DETECTION_PREDICT, 'predictions', 'mask_rcnn_shapes', ('bbox', 'segm')),
+    (ATSS_PREDICT, 'predictions_atss', 'atss_shapes', ('bbox',)),
+], ids=['mask_rcnn', 'atss'])
+def test_detection_predictions_score_the_logged_ap(detection_runs, command, out, run, iou_types):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
-    shell(detection_runs, DETECTION_PREDICT)
-    out = detection_runs / 'predictions'
+    shell(detection_runs, command)
+    out = detection_runs / out
     images = json.loads((out / 'images.json').read_text())
     results = json.loads((out / 'results.json').read_text())
     gt = COCO(str(detection_runs / 'shapes_coco' / 'annotations' / 'instances_val2017.json'))
@@ -137,14 +143,15 @@ def test_detection_predictions_score_the_logged_ap(detection_runs):
     assert len(ids) == 16 and len(list(out.glob('*.jpg'))) == 16
     for r in results:
         r['image_id'] = ids[r['image_id']]
-    logged = records(detection_runs / 'output' / 'mask_rcnn_shapes' / 'default')[-1]
-    for iou_type in ('bbox', 'segm'):
+    logged = records(detection_runs / 'output' / run / 'default')[-1]
+    assert all(('segmentation' in r) == ('segm' in iou_types) for r in results)
+    for iou_type in iou_types:
         evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
         assert 100 * evaluator.stats[0] == pytest.approx(logged[f'{iou_type}_ap'], abs=0.05)
-    # The drawing is the image with something on it: boxes and masks change pixels.
+    # The drawing is the image with something on it: boxes, labels (and masks) change pixels.
     drawn = np.asarray(Image.open(out / '000000000002.jpg'), dtype=np.float32)
     source = np.asarray(Image.open(detection_runs / 'shapes_coco' / 'val2017' / '000000000002.jpg'), dtype=np.float32)
     assert drawn.shape == source.shape and np.abs(drawn - source).mean() > 2
