@@ -6,12 +6,13 @@ for FocalNet-T (SRF); a file in configs/ holds only what differs for its model. 
 is in engine/config_checks.py, how files and --opts are read and merged in engine/config_merge.py.
 """
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 from yacs.config import CfgNode as CN
 
 from engine.config_checks import validate
-from engine.config_merge import merge_file, merge_opts, set_key
+from engine.config_merge import merge_file, merge_opts, merge_stored, set_key
+from errors import UserError
 _C = CN()
 # Files merged before this one, relative to it.
 _C.BASE = ['']
@@ -99,8 +100,10 @@ _C.TRAIN.START_EPOCH = 0
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.WARMUP_EPOCHS = 20
 _C.TRAIN.WEIGHT_DECAY = 0.05
-# Learning rates for a global batch of 512; scaled linearly with the global batch and with
-# gradient accumulation (config.lr_scale).
+# The learning rates below are for a global batch (images per optimizer step over all processes) of
+# BASE_BATCH_SIZE; every task scales them linearly with the actual one, DATA.BATCH_SIZE x processes x
+# accumulation (lr_scheduler.lr_scale). 512 for ImageNet; the COCO and ADE20K recipes set 16.
+_C.TRAIN.BASE_BATCH_SIZE = 512
 _C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
@@ -204,10 +207,9 @@ _C.DETECTION.HFLIP = 0.5
 # the multi-scale resize. An empty CROP_RESIZE turns it off.
 _C.DETECTION.CROP_RESIZE = [400, 500, 600]
 _C.DETECTION.CROP_SIZE = [384, 600]
-# Learning rate: TRAIN.BASE_LR is for a global batch of BASE_BATCH images (scaled linearly); linear
-# warm-up from TRAIN.WARMUP_LR over WARMUP_ITERS optimizer steps; multiplied by
+# Learning rate: TRAIN.BASE_LR is for a global batch of TRAIN.BASE_BATCH_SIZE images (scaled
+# linearly); linear warm-up from TRAIN.WARMUP_LR over WARMUP_ITERS optimizer steps; multiplied by
 # TRAIN.LR_SCHEDULER.DECAY_RATE at the start of each epoch listed in LR_STEPS.
-_C.DETECTION.BASE_BATCH = 16
 _C.DETECTION.WARMUP_ITERS = 500
 _C.DETECTION.LR_STEPS = [9, 11]
 # Training batches hold images of one orientation (landscape or not), as mmdetection's GroupSampler.
@@ -254,9 +256,6 @@ _C.SEG.TRAIN = CN()
 _C.SEG.TRAIN.ITERS = 160000
 _C.SEG.TRAIN.WARMUP_ITERS = 1500
 _C.SEG.TRAIN.POLY_POWER = 1.0
-# The global batch (images per step over all processes) that TRAIN.BASE_LR is meant for; the rate is
-# scaled linearly with the actual global batch (DATA.BATCH_SIZE x processes x accumulation).
-_C.SEG.TRAIN.LR_BATCH = 16
 # Evaluate on the validation set, and save a checkpoint, every this many steps (and after the last).
 _C.SEG.TRAIN.EVAL_INTERVAL = 16000
 _C.SEG.TRAIN.SAVE_INTERVAL = 16000
@@ -318,10 +317,13 @@ def defaults() -> CN:
 
 
 def load_config(cfg_path: Optional[str] = None, opts: Iterable[str] = (),
-                overrides: Optional[dict] = None) -> CN:
-    """Defaults, then the YAML file at ``cfg_path`` (with its BASE files), then ``opts`` (KEY VALUE
-    strings), then ``overrides`` (KEY: value, already typed); checked and frozen."""
+                overrides: Optional[dict] = None, *, stored: Optional[Tuple[str, str]] = None) -> CN:
+    """Defaults, then ``stored`` (YAML text of a config and where it comes from: a checkpoint's), then
+    the YAML file at ``cfg_path`` (with its BASE files), then ``opts`` (KEY VALUE strings), then
+    ``overrides`` (KEY: value, already typed); checked and frozen."""
     config = defaults()
+    if stored is not None:
+        merge_stored(config, *stored, _C)
     if cfg_path:
         merge_file(config, cfg_path, _C)
     merge_opts(config, opts or (), _C)
@@ -351,13 +353,36 @@ _FLAGS = {
 }
 
 
-def get_config(args) -> CN:
-    """The final config of a main.py run: ``load_config`` plus the named flags given in ``args``
-    (a flag left out, None or False, keeps the config's value)."""
+def get_config(args, require_cfg: bool = False) -> CN:
+    """The final config of a run: ``load_config`` plus the named flags given in ``args`` (a flag left
+    out, None or False, keeps the config's value). ``--eval --resume <training checkpoint>`` starts
+    from the config stored in the checkpoint, so that the model is the one trained; --cfg, --opts and
+    the flags then override only the keys they name. ``require_cfg``: a config file is needed
+    otherwise (the defaults describe no detector or segmentor)."""
+    resumed_eval = getattr(args, 'eval', False) and getattr(args, 'resume', None)
+    if require_cfg and not args.cfg and not resumed_eval:
+        raise UserError('--cfg <config file> is needed (only --eval --resume <training checkpoint> can do '
+                        'without: the checkpoint stores its config)')
     # ``is``, not ``in (None, False)``: 0 == False, and --batch-size 0 must reach the range check.
     overrides = {key: value for attr, key in _FLAGS.items()
                  if (value := getattr(args, attr, None)) is not None and value is not False}
-    return load_config(args.cfg, args.opts or (), overrides)
+    stored = None
+    if resumed_eval:
+        text = stored_config(args.resume)
+        stored = (text, f'the config stored in {args.resume}') if text is not None else None
+    return load_config(args.cfg, args.opts or (), overrides, stored=stored)
+
+
+def stored_config(path: str) -> Optional[str]:
+    """The config a training checkpoint of this codebase stores (YAML text); None for other files
+    (released weights, the official checkpoints' pickled configs) and for files that cannot be read."""
+    from engine.checkpoint import read_checkpoint
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except UserError:  # missing or unreadable: the task's loading says so, in its own words
+        return None
+    text = ckpt.get('config') if isinstance(ckpt, dict) else None
+    return text if isinstance(text, str) else None
 
 
 def with_num_classes(config: CN, num_classes: int) -> CN:
@@ -369,12 +394,6 @@ def with_num_classes(config: CN, num_classes: int) -> CN:
     config.MODEL.NUM_CLASSES = num_classes
     config.freeze()
     return config
-
-
-def lr_scale(config: CN, world_size: int) -> float:
-    """Factor applied to BASE_LR, WARMUP_LR and MIN_LR: the global batch per optimizer step over 512."""
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    return config.DATA.BATCH_SIZE * world_size * accumulation / 512.0
 
 
 def output_dir(config: CN) -> str:

@@ -1,4 +1,7 @@
-"""A named logger: the console on rank 0, and a log_rank{R}.txt file for every rank."""
+"""A named logger: the console on rank 0, and a log_rank{R}.txt file for every rank.
+
+A record logged with ``extra={'file_only': True}`` (the whole config) goes to the file only.
+"""
 import logging
 import os
 import sys
@@ -55,6 +58,7 @@ def create_logger(output_dir: str, rank: int = 0, name: str = NAME) -> logging.L
         console.setFormatter(logging.Formatter(
             colored('[%(asctime)s %(name)s]', 'green') + colored('(%(filename)s %(lineno)d)', 'yellow')
             + ': %(levelname)s %(message)s', datefmt=datefmt))
+        console.addFilter(lambda record: not getattr(record, 'file_only', False))
         logger.addHandler(console)
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

@@ -1,10 +1,29 @@
-"""Per-step learning-rate schedules from timm: linear warm-up, then cosine, linear or step decay.
+"""Learning rates: scaled with the global batch (the same rule in every task), then per-step schedules
+from timm: linear warm-up, then cosine, linear or step decay (poly for segmentation).
 
 The schedule counts optimizer steps (micro-batches / accumulation), so ``scheduler.step_update(t)``
 sets the rate of step t, and a resumed run needs no scheduler state to continue it.
 """
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
+
+
+def global_batch(config, world_size: int) -> int:
+    """Images per optimizer step over all processes."""
+    return config.DATA.BATCH_SIZE * world_size * max(1, config.TRAIN.ACCUMULATION_STEPS)
+
+
+def lr_scale(config, world_size: int) -> float:
+    """The factor applied to TRAIN.BASE_LR, WARMUP_LR and MIN_LR: those are the rates for a global batch
+    of TRAIN.BASE_BATCH_SIZE images, and scale linearly with the actual global batch."""
+    return global_batch(config, world_size) / config.TRAIN.BASE_BATCH_SIZE
+
+
+def describe_lr(config, world_size: int) -> str:
+    """The log line that says which rate a run uses and why."""
+    scale = lr_scale(config, world_size)
+    return (f'learning rate {config.TRAIN.BASE_LR * scale:.3e} (BASE_LR x {scale:g}: global batch '
+            f'{global_batch(config, world_size)} / {config.TRAIN.BASE_BATCH_SIZE}, TRAIN.BASE_BATCH_SIZE)')
 
 
 def build_scheduler(config, optimizer, steps_per_epoch: int, lr_scale: float = 1.0) -> Scheduler:

@@ -20,15 +20,9 @@ from typing import Dict, List, Tuple
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from errors import UserError
+from models.state_fit import listing
 
 logger = logging.getLogger('focalnet')
-
-_SHOWN = 10
-
-
-def _listing(paths: List[str]) -> str:
-    more = f' and {len(paths) - _SHOWN} more' if len(paths) > _SHOWN else ''
-    return ', '.join(paths[:_SHOWN]) + more
 
 
 def find_images(root: str, class_to_idx: Dict[str, int],
@@ -52,9 +46,9 @@ def find_images(root: str, class_to_idx: Dict[str, int],
         _check_linked_files(samples, linked, real_folders)
     if not_files:
         logger.warning(f'{root}: passing over {len(not_files)} name(s) with an image extension that are '
-                       f'not regular files (FIFOs, sockets, devices or broken links): {_listing(not_files)}')
+                       f'not regular files (FIFOs, sockets, devices or broken links): {listing(not_files)}')
     if empty:
-        logger.warning(f'{root}: {len(empty)} class folder(s) without images: {_listing(empty)} (their '
+        logger.warning(f'{root}: {len(empty)} class folder(s) without images: {listing(empty)} (their '
                        f'classes keep their indices but have no examples here)')
     return samples
 

@@ -1,5 +1,4 @@
 """Loaders for training and validation, sharded over the processes of a distributed run."""
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +14,7 @@ from .datasets import build_dataset
 from .robust import SkipReportingLoader, collate_with_problems
 from .sampler import ResumableSampler, SeededSamples
 from .transforms import build_train_transform, build_transform
+from .workers import worker_count
 
 
 @dataclass
@@ -62,9 +62,7 @@ def _val_loader(config, dataset: Dataset) -> DataLoader:
 
 
 def _workers(config) -> int:
-    # More workers than cores only adds contention (and a warning from the DataLoader).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(config.DATA.NUM_WORKERS, cores)
+    return worker_count(config.DATA.NUM_WORKERS)
 
 
 def _pin(config) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from models.pretrained import CheckpointError, read_state_file
+from models.state_fit import fit_problems, listing
 
 
 def background_first(t: torch.Tensor) -> torch.Tensor:
@@ -62,15 +63,6 @@ KEY_MAP: List[Tuple[str, str, Optional[Callable[[torch.Tensor], torch.Tensor]]]]
 ]
 _COMPILED = [(re.compile(theirs), ours, fn) for theirs, ours, fn in KEY_MAP]
 
-_SHOWN = 10
-
-
-def _listing(title: str, items: Sequence[str]) -> str:
-    items = list(items)
-    more = [f'... and {len(items) - _SHOWN} more'] if len(items) > _SHOWN else []
-    return f'{len(items)} {title}: ' + '; '.join(items[:_SHOWN] + more)
-
-
 def is_released_detector(state: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict is a whole mmdetection two-stage detector (not a backbone only)."""
     return any(k.startswith(('rpn_head.', 'roi_head.')) for k in state)
@@ -105,7 +97,8 @@ def convert_released(state: Mapping[str, torch.Tensor], source: str = 'checkpoin
             unknown.append(key)
     if unknown:
         raise CheckpointError(f'{source}: not a Mask R-CNN / Faster R-CNN checkpoint of the released layout: '
-                              + _listing('keys outside its table (detection/checkpoint.py KEY_MAP)', unknown))
+                              + f'{len(unknown)} keys outside its table (detection/checkpoint.py KEY_MAP): '
+                              + listing(unknown, sep='; '))
     return out, reordered
 
 
@@ -144,16 +137,10 @@ def load_released_detector(model: nn.Module, path: str,
     if category_names is not None:
         check_classes(classes, category_names, path)
     target = model.state_dict()
-    missing = [f'{k} {list(v.shape)}' for k, v in target.items() if k not in state]
-    unexpected = [f'{k} {list(v.shape)}' for k, v in state.items() if k not in target]
-    shapes = [f'{k} file {list(state[k].shape)} vs model {list(v.shape)}'
-              for k, v in target.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [_listing(title, items) for title, items in
-                 (('missing from the file', missing), ('not in the detector', unexpected),
-                  ('of another shape', shapes)) if items]
+    problems = fit_problems(state, target, sep='; ')
+    if problems:
         raise CheckpointError(f'{path}: the checkpoint does not fit the detector (DETECTION.METHOD, '
-                              f'MODEL.FOCAL.*, the head widths, the number of classes): ' + ' | '.join(parts))
+                              f'MODEL.FOCAL.*, the head widths, the number of classes): ' + ' | '.join(problems))
     model.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=True)
     return {'path': str(path), 'layout': 'mmdetection', 'loaded': len(state), 'reordered': reordered,
             'classes': classes}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
@@ -23,6 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from data.files import not_regular
 from data.robust import CorruptImageError, DataError, Problem, SkipReportingLoader, open_image
+from data.sampler import ResumableSampler, SeededSamples
+from data.workers import worker_count
 from engine.seed import derive_seed, seed_worker
 from utils import get_rank, get_world_size
 
@@ -185,6 +187,35 @@ def collate(samples: list):
     return list(images), list(targets), problems
 
 
+class ResumableBatches(Sampler):
+    """AspectRatioBatchSampler's batches over ResumableSampler's (index, seed) keys, resumable
+    part-way through an epoch: which samples share a batch depends on the epoch's whole order, so
+    the batches are formed from its start and the first ``start`` skipped (indices only: no image is
+    read for them)."""
+
+    def __init__(self, sampler: ResumableSampler, group_ids: Sequence[int], batch_size: int):
+        self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), batch_size
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        self.sampler.set_epoch(epoch, 0)
+        self.start = start
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.num_samples // self.batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start)
+
+    def __iter__(self):
+        keys = list(self.sampler)  # the epoch's (index, seed) in order
+        groups = [self.group_ids[index] for index, _ in keys]
+        for n, batch in enumerate(AspectRatioBatchSampler(range(len(keys)), groups, self.batch_size)):
+            if n >= self.start:
+                yield [keys[position] for position in batch]
+
+
 @dataclass
 class DetectionLoaders:
     """What build_detection_loaders learns: the loaders, the classes, the validation annotations."""
@@ -199,17 +230,24 @@ class DetectionLoaders:
     def num_classes(self) -> int:
         return len(self.label_to_category)
 
-    def set_epoch(self, epoch: int):
-        """Reshuffle for ``epoch`` and reseed the workers from (seed, epoch, rank)."""
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches of a whole epoch (the loader's length shrinks in a resumed epoch)."""
+        batches = self.train.batch_sampler
+        if isinstance(batches, ResumableBatches):
+            return batches.steps_per_epoch
+        return self.train.sampler.num_samples // self.train.batch_size
+
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        """Reshuffle for ``epoch``, starting after its first ``start_step`` batches (a run resumed
+        part-way through it), and reseed the workers from (seed, epoch, rank)."""
         if self.train is not None:
             batches = self.train.batch_sampler
-            (batches if hasattr(batches, 'set_epoch') else self.train.sampler).set_epoch(epoch)
+            if isinstance(batches, ResumableBatches):
+                batches.set_epoch(epoch, start_step)
+            else:
+                self.train.sampler.set_epoch(epoch, start_step * self.train.batch_size)
             self.train.generator.manual_seed(derive_seed(self.seed, epoch, get_rank()))
-
-
-def _workers(config) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(config.DATA.NUM_WORKERS, cores)
 
 
 def build_detection_loaders(config, train: bool = True, with_masks: bool = True) -> DetectionLoaders:
@@ -233,7 +271,7 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
     # One image per step, as mmdetection tests: a batch pads its images to a common size, and the
     # padding would make the scores depend on which images share a batch.
     val_loader = SkipReportingLoader(DataLoader(
-        val_set, batch_size=1, shuffle=False, num_workers=_workers(config),
+        val_set, batch_size=1, shuffle=False, num_workers=worker_count(config.DATA.NUM_WORKERS),
         pin_memory=pin, worker_init_fn=seed_worker, collate_fn=collate), d.SKIP_CORRUPT)
 
     train_loader = None
@@ -254,18 +292,17 @@ def build_detection_loaders(config, train: bool = True, with_masks: bool = True)
         train_set = DetectionSet(train_coco, indices,
                                  build_transforms(config, True, category_to_label, with_masks),
                                  keys, skip_corrupt=d.SKIP_CORRUPT, refill=True)
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                     seed=config.SEED)
+        # Each sample is augmented from a seed of its own position in the epoch (data/sampler.py), so
+        # a run resumed part-way through an epoch repeats the uninterrupted one exactly.
+        sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=config.SEED)
         if config.DETECTION.GROUP_ASPECT_RATIO:
             # One orientation per batch, as mmdetection's GroupSampler (detection/recipe.py).
-            batching = dict(batch_sampler=AspectRatioBatchSampler(
+            batching = dict(batch_sampler=ResumableBatches(
                 sampler, landscape_groups(train_coco.coco, train_set.image_ids), d.BATCH_SIZE))
         else:
             batching = dict(batch_size=d.BATCH_SIZE, sampler=sampler, drop_last=True)
-        # Workers start afresh every epoch so their random streams follow the generator that
-        # set_epoch reseeds: a resumed run repeats them.
         train_loader = SkipReportingLoader(DataLoader(
-            train_set, **batching, num_workers=_workers(config),
+            SeededSamples(train_set), **batching, num_workers=worker_count(config.DATA.NUM_WORKERS),
             pin_memory=pin, worker_init_fn=seed_worker, generator=torch.Generator(),
             persistent_workers=False, collate_fn=collate), d.SKIP_CORRUPT)
     return DetectionLoaders(train_loader, val_loader, val_coco.coco, categories, names, config.SEED)

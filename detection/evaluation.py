@@ -10,6 +10,7 @@ import torch.nn as nn
 from pycocotools import mask as mask_util
 from pycocotools.cocoeval import COCOeval
 
+from engine.progress import Progress
 from utils import all_gather_objects, get_rank
 
 from .category_ap import category_ap, ground_truth_categories
@@ -82,7 +83,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, coco_gt,
     output)``, when given, sees every image (``--show-dir``)."""
     model.eval()
     results, image_ids = [], []
-    for images, targets in loader:
+    progress = Progress(len(loader))
+    for i, (images, targets) in enumerate(loader):
         with autocast():
             outputs = model([image.to(device, non_blocking=True) for image in images])
         for image, target, output in zip(images, targets, outputs):
@@ -90,6 +92,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast, coco_gt,
                 show(image, target, output)
             image_ids.append(int(target['image_id']))
             results.extend(to_coco_results(target['image_id'], output, label_to_category))
+        tick = progress.tick(i)
+        if progress.due(i):
+            logger.info(f'Test: [{i}/{len(loader)}]  eta {tick["eta"]}  time {tick["time"]:.3f}')
     gathered = all_gather_objects((results, image_ids))
     metrics: Dict[str, Optional[float]] = {}
     if get_rank() == 0:

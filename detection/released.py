@@ -10,15 +10,7 @@ import torch
 import torch.nn as nn
 
 from models.pretrained import CheckpointError
-
-_SHOWN = 8
-
-
-def _few(items) -> str:
-    items = list(items)
-    more = f', ... and {len(items) - _SHOWN} more' if len(items) > _SHOWN else ''
-    return ', '.join(items[:_SHOWN]) + more
-
+from models.state_fit import fit_problems
 
 def is_released_detector(state: Mapping[str, torch.Tensor]) -> bool:
     """A whole mmdetection detector (backbone and more), not a bare backbone."""
@@ -39,15 +31,10 @@ def load_released(model: nn.Module, state: Mapping[str, torch.Tensor], key_map: 
             continue
         mapped[key_map[prefix] + key[len(prefix):]] = value
         renamed += key_map[prefix] != prefix
-    target = model.state_dict()
-    missing = [k for k in target if k not in mapped]
-    unexpected = uncovered + [k for k in mapped if k not in target]
-    shapes = [f'{k} file {list(v.shape)} vs model {list(target[k].shape)}'
-              for k, v in mapped.items() if k in target and v.shape != target[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f'{len(xs)} {what}: {_few(xs)}' for what, xs in (
-            ('missing from the file', missing), ('unexpected in the file', unexpected),
-            ('of another shape', shapes)) if xs]
-        raise CheckpointError(f'{source} does not fit the {type(model).__name__} detector: ' + '; '.join(parts))
+    # Keys no prefix covers keep their file names: the model lacks them either way.
+    problems = fit_problems({**{k: state[k] for k in uncovered}, **mapped}, model.state_dict(), sep=', ')
+    if problems:
+        raise CheckpointError(f'{source} does not fit the {type(model).__name__} detector: '
+                              + '; '.join(problems))
     model.load_state_dict(mapped, strict=True)
     return {'source': source, 'num_tensors': len(mapped), 'renamed': renamed}

@@ -3,44 +3,41 @@
     python -m detection --cfg configs/detection/mask_rcnn_focalnet_tiny_srf_1x.yaml --data-path <coco> \
         --pretrained focalnet_tiny_srf.pth --output output
     torchrun --nproc_per_node 8 -m detection --cfg ... --data-path <coco> --pretrained ...
-    python -m detection --cfg ... --data-path <coco> --eval --resume <checkpoint>
+    python -m detection --data-path <coco> --eval --resume <checkpoint>
 
-The pieces shared with classification (AMP, the optimizer step, checkpoints, auto-resume,
-metrics.jsonl, progress, the one-line errors) come from engine/.
+This file parses and connects; the loop is detection/engine.py. What all tasks share (run start, the
+output-folder lock, pre-emption, resume, checkpoints, the optimizer step, learning-rate scaling,
+metrics.jsonl, progress, the one-line errors) comes from engine/.
 """
 import argparse
 import logging
 import math
-import os
-import time
-from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-import faults
-from config import get_config, output_dir, with_num_classes
+from config import get_config
 from data.robust import report_skipped
-from engine import (OptimizerStep, Progress, amp_dtype, append_metrics, drop_metrics_from,
-                    make_autocast, make_scaler, match_grad_layout, memory_mb, run_cli, tensorboard_writer,
-                    wrap_ddp)
-from engine.checkpoint import checkpoint_path, save_checkpoint
-from engine.resume import auto_resume_file, load_checkpoint
-from engine.seed import derive_seed, seed_everything
+from engine import match_grad_layout, run_cli
+from engine.amp import precision
+from engine.cli import add_run_arguments
+from engine.epochs import epoch_training, resume_epochs, seed_epoch
+from engine.metrics import record, record_evaluation
+from engine.resume import load_checkpoint
+from engine.run import build_optimization, build_or_explain, settle_config, start_run
 from errors import UserError
-from logger import NAME as LOGGER_NAME, create_logger
+from logger import NAME as LOGGER_NAME
 from models import init_from_classification, load_dense_checkpoint
 from models.cost import count_params
 from models.pretrained import extract_state_dict, read_state_file
-from optimizer import build_optimizer
-from utils import get_rank, get_world_size, init_distributed, is_distributed
+from utils import is_distributed
 
-from .category_ap import per_class_record, per_class_table
+from .category_ap import per_class_record
 from .checkpoint import describe, is_released_detector, is_released_file, load_released_detector
 from .data import build_detection_loaders
-from .evaluation import evaluate
-from .model import METHODS, RELEASED_LOADABLE, build_detector, dense_backbone, has_masks
+from .engine import BEST, RECORDED, DetectionTrainer, run_evaluation, train_one_epoch
+from .model import METHODS, build_detector, dense_backbone, has_masks
 from .predict import validation_drawer
 from .recipe import decay_groups
 from .released import is_released_detector as is_whole_released, load_released
@@ -48,34 +45,18 @@ from .schedule import build_detection_scheduler
 
 logger = logging.getLogger(LOGGER_NAME)
 
-# What metrics.jsonl records of an evaluation (percent), and the score that picks the best epoch.
-RECORDED = ('bbox_ap', 'bbox_ap50', 'bbox_ap75', 'segm_ap', 'segm_ap50', 'segm_ap75')
-BEST = 'bbox_ap'
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser('python -m detection',
                                      description='FocalNet detectors on COCO-layout data')
-    parser.add_argument('--cfg', metavar='FILE', required=True,
-                        help='config file (configs/detection/<method>_focalnet_<size>_<srf|lrf>_<1x|3x>.yaml)')
-    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
-                        help='override config keys: --opts MODEL.FOCAL.EMBED_DIM 32 TRAIN.EPOCHS 2')
-    parser.add_argument('--data-path', help='COCO root: annotations/instances_<split>.json, <split>/')
-    parser.add_argument('--batch-size', type=int, help='images per process and step')
-    parser.add_argument('--resume', help='checkpoint to resume from, or to evaluate with --eval')
-    parser.add_argument('--pretrained', help='backbone weights to start from: ImageNet classification '
-                        'weights (official, timm or HF layout) or an official detection checkpoint')
-    parser.add_argument('--accumulation-steps', type=int, help='micro-batches per optimizer step')
-    parser.add_argument('--use-checkpoint', action='store_true', help='gradient checkpointing')
-    parser.add_argument('--amp-opt-level', choices=['O0', 'O1', 'O2'],
-                        help='O0 turns mixed precision off; O1 and O2 both use torch.amp')
-    parser.add_argument('--output', metavar='PATH', help='output root; a run writes <output>/<name>/<tag>')
-    parser.add_argument('--tag', help='name of the run under the model name')
-    parser.add_argument('--eval', action='store_true', help='evaluate a checkpoint (--resume) only')
+    add_run_arguments(parser, cfg_help='config file (configs/detection/<method>_focalnet_<size>_<srf|lrf>_'
+                                       '<1x|3x>.yaml); optional with --eval --resume <checkpoint>',
+                      cfg_required=False, opts_example='MODEL.FOCAL.EMBED_DIM 32 TRAIN.EPOCHS 2',
+                      data_help='COCO root: annotations/instances_<split>.json, <split>/',
+                      pretrained_help='backbone weights to start from: ImageNet classification '
+                                      'weights (official, timm or HF layout) or an official detection checkpoint')
     parser.add_argument('--show-dir', metavar='DIR', help='with --eval: save every validation image with '
                         'its detections drawn into DIR')
-    # Passed by the legacy torch.distributed.launch; torchrun sets LOCAL_RANK in the environment.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -101,15 +82,9 @@ def check_detection_config(config):
         raise UserError(f'DETECTION.FPN_CHANNELS must be a multiple of 32 for fcos (its heads use group '
                         f'norm with 32 groups); got {d.FPN_CHANNELS}')
     for key in ('FPN_CHANNELS', 'BOX_HEAD_DIM', 'MASK_HEAD_DIM', 'RPN_BATCH_SIZE', 'ROI_BATCH_SIZE',
-                'BASE_BATCH', 'EVAL_FREQ', 'DETECTIONS_PER_IMAGE'):
+                'EVAL_FREQ', 'DETECTIONS_PER_IMAGE'):
         if d[key] < 1:
             raise UserError(f'DETECTION.{key} must be positive; got {d[key]}')
-
-
-def lr_scale(config, world_size: int) -> float:
-    """TRAIN.BASE_LR holds for a global batch of DETECTION.BASE_BATCH images; linear in the batch."""
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    return config.DATA.BATCH_SIZE * world_size * accumulation / config.DETECTION.BASE_BATCH
 
 
 def load_backbone_weights(model: nn.Module, path: str, category_names=None):
@@ -149,122 +124,38 @@ def load_whole_detector(model: nn.Module, path: str, state: Optional[dict] = Non
 
 
 def make_detector(config, num_classes: int) -> nn.Module:
-    try:
-        return build_detector(config, num_classes)
-    except (ValueError, TypeError) as e:
-        raise UserError(f'the config does not describe a valid detector: {e}') from None
+    return build_or_explain(build_detector, config, num_classes, what='detector')
 
 
-def _to(target: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in target.items()}
-
-
-@dataclass
-class Trainer:
-    config: object
-    model: nn.Module            # what the step calls (the DDP wrapper when distributed)
-    module: nn.Module           # the bare detector: saved, and given to the optimizer
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    optimizer_step: OptimizerStep
-    device: torch.device
-    writer: Optional[object] = None
-
-
-def train_one_epoch(t: Trainer, loader, epoch: int) -> Dict[str, float]:
-    """One epoch; the mean total loss and mean of each of the detector's losses."""
-    cfg = t.config
-    t.model.train()
-    num_steps = len(loader)
-    updates_per_epoch = math.ceil(num_steps / t.optimizer_step.accumulation)
-    sums: Dict[str, float] = {}
-    progress = Progress(num_steps)
-    t.optimizer.zero_grad(set_to_none=True)
-    for idx, (images, targets) in enumerate(loader):
-        images = [image.to(t.device, non_blocking=True) for image in images]
-        targets = [_to(target, t.device) for target in targets]
-        faults.inject('step', epoch * num_steps + idx, get_rank())
-        if idx % t.optimizer_step.accumulation == 0:
-            t.scheduler.step_update(epoch * updates_per_epoch + idx // t.optimizer_step.accumulation)
-        parts: Dict[str, torch.Tensor] = {}
-
-        def compute_loss() -> torch.Tensor:
-            parts.update(t.model(images, targets))  # torchvision returns its losses in training
-            return sum(parts.values())
-
-        loss, _ = t.optimizer_step(compute_loss, idx, num_steps,
-                                   f'at epoch {epoch} step {idx}/{num_steps}; nothing was saved for this epoch')
-        for name, value in [('loss', loss)] + [(k, v.item()) for k, v in parts.items()]:
-            sums[name] = sums.get(name, 0.0) + value
-        tick = progress.tick(idx)
-        if idx % cfg.PRINT_FREQ == 0 or idx + 1 == num_steps:
-            lr = t.optimizer.param_groups[0]['lr']
-            detail = '  '.join(f'{k} {v.item():.4f}' for k, v in parts.items())
-            logger.info(f'Train: [{epoch}/{cfg.TRAIN.EPOCHS}][{idx}/{num_steps}]  eta {tick["eta"]}  '
-                        f'lr {lr:.6e}  time {tick["time"]:.3f}  loss {loss:.4f} '
-                        f'({sums["loss"] / (idx + 1):.4f})  {detail}  '
-                        f'grad_norm {t.optimizer_step.grad_norm.item():.4f}{memory_mb(t.device)}')
-            if t.writer is not None:
-                step = epoch * num_steps + idx
-                t.writer.add_scalar('train/loss', loss, step)
-                t.writer.add_scalar('train/lr', lr, step)
-    means = {k: v / num_steps for k, v in sums.items()}
-    means['lr'] = t.optimizer.param_groups[0]['lr']
-    means['time_s'] = time.time() - progress.start
-    return means
-
-
-def run_evaluation(config, model, loaders, device, autocast, show=None) -> dict:
-    iou_types = ('bbox', 'segm') if has_masks(config.DETECTION.METHOD) else ('bbox',)
-    metrics = evaluate(model, loaders.val, device, autocast, loaders.val_coco,
-                       loaders.label_to_category, iou_types, show)
-    if metrics.get('summary'):
-        logger.info('COCO evaluation:\n' + metrics['summary'])
-    shown = '  '.join(f'{k} {metrics[k]:.2f}' for k in RECORDED if metrics.get(k) is not None)
-    logger.info(f' * {shown}  ({metrics["images"]} images, {metrics["detections"]} detections)')
-    logger.info(per_class_table(metrics, loaders.category_names))
-    return metrics
-
-
-def _check_categories(state: dict, loaders, path: str):
-    saved = state['entries'].get('categories')
+def _check_categories(entries, loaders, path: str):
+    saved = entries.get('categories')
     if saved is not None and list(saved) != list(loaders.label_to_category):
         raise UserError(f'checkpoint {path} was trained on category ids {list(saved)}, but the data '
                         f'has {list(loaders.label_to_category)}')
 
 
 def run(args) -> int:
-    config = get_config(args)
+    config = get_config(args, require_cfg=True)
     check_detection_config(config)
     if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
         raise UserError('--eval needs the detector to evaluate: --resume <checkpoint> (or --pretrained '
                         '<released mmdetection checkpoint>)')
     if args.show_dir and not config.EVAL_MODE:
         raise UserError('--show-dir draws the validation images of --eval; add --eval --resume <checkpoint>')
-    device = init_distributed(args.local_rank, config.DIST_TIMEOUT)
-    rank = get_rank()
-    out = output_dir(config)
-    create_logger(out, rank)
-    logger.info(f'rank {rank} of {get_world_size()} on {device}')
+    # An evaluation writes no checkpoints: no lock to hold.
+    with start_run(config, args.local_rank, training=not config.EVAL_MODE) as started:
+        return run_in(config, started.device, started.out, args.show_dir)
+
+
+def run_in(config, device: torch.device, out: str, show_dir: Optional[str] = None) -> int:
     method = config.DETECTION.METHOD
     loaders = build_detection_loaders(config, train=not config.EVAL_MODE, with_masks=has_masks(method))
-    if loaders.num_classes != config.MODEL.NUM_CLASSES:
-        logger.info(f'MODEL.NUM_CLASSES: {loaders.num_classes} (the categories of the annotations: '
-                    f'{", ".join(loaders.category_names[:10])}{" ..." if loaders.num_classes > 10 else ""})')
-    config = with_num_classes(config, loaders.num_classes)
-    if rank == 0:
-        with open(os.path.join(out, 'config_eval.yaml' if config.EVAL_MODE else 'config.yaml'), 'w') as f:
-            f.write(config.dump())
-    logger.info(f'config:\n{config.dump()}')
-
-    seed_everything(config.SEED)  # the same initial weights in every process
+    names = ', '.join(loaders.category_names[:10]) + (' ...' if loaders.num_classes > 10 else '')
+    config = settle_config(config, out, loaders.num_classes, f'the categories of the annotations: {names}')
     model = make_detector(config, loaders.num_classes).to(device)
     logger.info(f'{method} on FocalNet: {count_params(model) / 1e6:.2f}M parameters '
                 f'(backbone {count_params(dense_backbone(model)) / 1e6:.2f}M)')
-    dtype = amp_dtype(config, device)
-    autocast = make_autocast(device, dtype)
-    metrics_path = os.path.join(out, 'metrics.jsonl')
+    dtype, autocast = precision(config, device)
 
     if config.EVAL_MODE:
         source = config.MODEL.RESUME or config.MODEL.PRETRAINED
@@ -278,103 +169,66 @@ def run(args) -> int:
                             f'checkpoint (no neck and heads); evaluate a whole detector')
         else:
             state = load_checkpoint(config.MODEL.RESUME, model=model)
-            _check_categories(state, loaders, config.MODEL.RESUME)
-        show = validation_drawer(args.show_dir, loaders.val_coco, loaders.category_names) if args.show_dir else None
+            _check_categories(state['entries'], loaders, config.MODEL.RESUME)
+        show = validation_drawer(show_dir, loaders.val_coco, loaders.category_names) if show_dir else None
         metrics = run_evaluation(config, model, loaders, device, autocast, show)
         if show is not None:
-            logger.info(f'drew {show.show.count} validation images into {args.show_dir}')
-        report_skipped((loaders.val,), 'evaluation', out)
-        if rank == 0:
-            append_metrics(metrics_path, {'mode': 'eval', 'checkpoint': source, 'model': config.MODEL.NAME,
-                                          'released': released,
-                                          **{k: metrics.get(k) for k in RECORDED if k in metrics},
-                                          'images': metrics['images'],
-                                          **per_class_record(metrics, loaders.category_names)})
+            logger.info(f'drew {show.show.count} validation images into {show_dir}')
+        record_evaluation(out, loaders.val, source, {'model': config.MODEL.NAME, 'released': released,
+                                                     **{k: metrics.get(k) for k in RECORDED if k in metrics},
+                                                     'images': metrics['images'],
+                                                     **per_class_record(metrics, loaders.category_names)})
         return 0
-    return train(config, loaders, model, device, autocast, dtype, out, metrics_path)
+    return train(config, loaders, model, device, autocast, dtype, out)
 
 
-def train(config, loaders, model, device, autocast, dtype, out, metrics_path) -> int:
-    rank = get_rank()
-    resume = config.MODEL.RESUME
-    if config.TRAIN.AUTO_RESUME:
-        found = auto_resume_file(out)
-        if found:
-            if resume and os.path.abspath(resume) != os.path.abspath(found):
-                logger.warning(f'auto-resume: using {found} instead of {resume}')
-            resume = found
-    if config.MODEL.PRETRAINED and not resume:
-        load_backbone_weights(model, config.MODEL.PRETRAINED, loaders.category_names)
+def train(config, loaders, model, device, autocast, dtype, out) -> int:
+    """``model`` is the bare detector; the DDP wrapper (when distributed) only computes the steps."""
     if is_distributed():
         body = dense_backbone(model)
         match_grad_layout(body, lambda m: sum(o.float().sum() for o in m(
             torch.zeros(2, 3, 64, 64, device=device))).backward())
-    scale = lr_scale(config, get_world_size())
-    groups = None
-    if config.DETECTION.DECAY_GROUPS == 'official':
-        groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY)
-    optimizer = build_optimizer(config, model, scale, groups)
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    scheduler = build_detection_scheduler(config, optimizer, math.ceil(len(loaders.train) / accumulation), scale)
-    scaler = make_scaler(device, dtype)
-    logger.info(f'learning rate {config.TRAIN.BASE_LR * scale:.3e} (BASE_LR x {scale:g}: global batch '
-                f'{config.DATA.BATCH_SIZE * get_world_size() * accumulation} / {config.DETECTION.BASE_BATCH})')
+    updates = math.ceil(loaders.steps_per_epoch / max(1, config.TRAIN.ACCUMULATION_STEPS))
+    groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY) if config.DETECTION.DECAY_GROUPS == 'official' else None
+    optimizer, scheduler, scaler = build_optimization(config, model, device, dtype, lambda opt, scale: (
+        build_detection_scheduler(config, opt, updates, scale)), groups=groups)
 
-    start_epoch, best = 0, 0.0
-    if resume:
-        state = load_checkpoint(resume, model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                scaler=scaler)
-        _check_categories(state, loaders, resume)
-        if state['has_training_state']:
-            start_epoch, best = state['epoch'] + 1, state['max_accuracy']
-        logger.info(f'resumed from {resume}: continuing at epoch {start_epoch}')
-    if rank == 0:
-        drop_metrics_from(metrics_path, start_epoch)
-
-    ddp = wrap_ddp(model, device)
-    writer = tensorboard_writer(out)
-    step = OptimizerStep(ddp, model, optimizer, scaler, autocast, accumulation, config.TRAIN.CLIP_GRAD)
-    trainer = Trainer(config, ddp, model, optimizer, scheduler, scaler, step, device, writer)
-
+    found = resume_epochs(config, out, loaders, model=model, optimizer=optimizer, scaler=scaler,
+                          load_weights=lambda: load_backbone_weights(model, config.MODEL.PRETRAINED,
+                                                                    loaders.category_names))
+    if found is None:
+        return 0
+    resumed, position, _ = found
+    if resumed.path:
+        _check_categories(resumed.entries, loaders, resumed.path)
     epochs = config.TRAIN.EPOCHS
-    logger.info(f'training epochs {start_epoch} to {epochs - 1}')
-    for epoch in range(start_epoch, epochs):
-        loaders.set_epoch(epoch)
-        # Every random draw of the epoch (augmentation, image sizes, RoI sampling, drop path) follows
-        # from (seed, epoch, rank), so a resumed run repeats an uninterrupted one.
-        seed_everything(derive_seed(config.SEED, epoch, rank))
-        stats = train_one_epoch(trainer, loaders.train, epoch)
-        record = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'],
-                  'epoch_time_s': stats['time_s'],
-                  **{k: v for k, v in stats.items() if k.startswith('loss_')}}
-        if (epoch + 1) % config.DETECTION.EVAL_FREQ == 0 or epoch == epochs - 1:
-            metrics = run_evaluation(config, model, loaders, device, autocast)
-            record.update({k: metrics[k] for k in RECORDED if k in metrics})
-            record.update(per_class_record(metrics, loaders.category_names))
-            best = max(best, metrics.get(BEST) or 0.0)
-            record[f'best_{BEST}'] = best
-        report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
-        logger.info(f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["time_s"]:.0f}s'
-                    + (f', {BEST} {record[BEST]:.2f} (best {best:.2f})' if BEST in record else ''))
-        if rank == 0:
-            append_metrics(metrics_path, record)
-            for key in ('train_loss',) + RECORDED:
-                if record.get(key) is not None:
-                    writer.add_scalar(f'epoch/{key}', record[key], epoch)
-            writer.flush()
-            if epoch % config.SAVE_FREQ == 0 or epoch == epochs - 1:
-                path = save_checkpoint(checkpoint_path(out, epoch), model=model, optimizer=optimizer,
-                                       lr_scheduler=scheduler, scaler=scaler, epoch=epoch,
-                                       max_accuracy=best, config=config, keep=config.SAVE_KEEP,
-                                       extra={'categories': list(loaders.label_to_category),
-                                              'category_names': list(loaders.category_names)})
-                logger.info(f'saved {path}')
-    if writer is not None:
-        writer.close()
-    logger.info(f'done: best {BEST} {best:.2f}')
+    with epoch_training(DetectionTrainer, config, out, device, loaders, autocast, found, model=model,
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler, score=BEST,
+                        saved={'extra': {'categories': list(loaders.label_to_category),
+                                          'category_names': list(loaders.category_names)}}) as (trainer, checkpoints):
+        for epoch in range(resumed.start, epochs):
+            resumed_here = seed_epoch(loaders, epoch, position, config.SEED)
+            stats = train_one_epoch(trainer, loaders.train, epoch, loaders.steps_per_epoch, resumed_here)
+            values = {'epoch': epoch, 'train_loss': stats['loss'], 'lr': stats['lr'],
+                      'epoch_time_s': stats['time_s'],
+                      **{k: v for k, v in stats.items() if k.startswith('loss_')}}
+            # Saved before the evaluation that follows: an evaluation that fails loses no training.
+            saved = checkpoints.end_epoch(epoch)
+            if (epoch + 1) % config.DETECTION.EVAL_FREQ == 0 or epoch == epochs - 1:
+                metrics = run_evaluation(config, model, loaders, device, autocast)
+                values.update({k: metrics[k] for k in RECORDED if k in metrics})
+                values.update(per_class_record(metrics, loaders.category_names))
+                if (metrics.get(BEST) or 0.0) > checkpoints.best_score:
+                    checkpoints.best_score = metrics[BEST]
+                    if saved:  # the file of this epoch records the new best score too
+                        checkpoints.save(epoch)
+                values[f'best_{BEST}'] = checkpoints.best_score
+            report_skipped((loaders.train, loaders.val), f'epoch {epoch}', out)
+            best = f', {BEST} {values[BEST]:.2f} (best {checkpoints.best_score:.2f})' if BEST in values else ''
+            logger.info(f'epoch {epoch}: train loss {stats["loss"]:.4f}, {stats["time_s"]:.0f}s{best}')
+            record(out, values, trainer.writer, epoch, ('train_loss',) + RECORDED)
     return 0
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: run(parse_args(argv)))

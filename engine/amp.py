@@ -1,6 +1,6 @@
 """Mixed precision: one code path; autocast and the scaler are no-ops when it is off."""
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -20,3 +20,9 @@ def make_autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Callabl
 def make_scaler(device: torch.device, dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
     """Loss scaling is needed for float16 only; otherwise the scaler passes everything through."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def precision(config, device: torch.device) -> Tuple[Optional[torch.dtype], Callable]:
+    """(the AMP dtype of this run, its autocast factory)."""
+    dtype = amp_dtype(config, device)
+    return dtype, make_autocast(device, dtype)

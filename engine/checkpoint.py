@@ -12,6 +12,7 @@ import torch
 
 import faults
 from errors import TrainingStopped, UserError
+from utils import all_reduce_sum, get_rank
 
 from .folders import STALE_AFTER_S, host_tag, no_space, process_alive
 from .seed import rng_state
@@ -107,10 +108,10 @@ def _remove_stale_temporaries(directory: str):
 
 
 def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, scaler, epoch: int,
-                    max_accuracy: float, config, ema=None, keep: int = 0, unit: str = 'epoch',
+                    best_score: float, config, ema=None, keep: int = 0, unit: str = 'epoch',
                     extra: Optional[dict] = None) -> str:
     """The whole training state after ``epoch`` (the iteration, for ``unit`` 'iter'); ``model`` and
-    ``ema`` are the unwrapped modules; ``max_accuracy`` is the best validation score so far (top-1,
+    ``ema`` are the unwrapped modules; ``best_score`` is the best validation score so far (top-1,
     box AP or mIoU); ``extra`` adds entries of the task's own (a mid-epoch checkpoint its
     'position'). Refuses non-finite weights. ``keep`` > 0: afterwards delete all but the ``keep``
     newest end-of-epoch checkpoints of the folder (the one just written is always kept). Mid-epoch
@@ -126,7 +127,7 @@ def save_checkpoint(path: str, *, model, optimizer, lr_scheduler, scaler, epoch:
         'lr_scheduler': lr_scheduler.state_dict(),
         'scaler': scaler.state_dict(),
         'epoch': int(epoch),
-        'max_accuracy': float(max_accuracy),
+        'best_score': float(best_score),
         'config': config.dump(),
         'rng': rng_state(),
     }
@@ -181,3 +182,17 @@ def read_checkpoint(path: str, *, mmap: bool = False) -> dict:
         return read_state_file(path, map_location='cpu', mmap=mmap)
     except CheckpointError as e:  # truncated, foreign or code-carrying: the message says which
         raise UserError(str(e)) from None
+
+
+def save_on_rank0(path: str, *, device, preemption=None, **state) -> Optional[str]:
+    """:func:`save_checkpoint` by rank 0 (the others hold the same weights), then a barrier: no process
+    goes on (or exits, on a stop) before the file is complete. ``preemption``: its periodic-save clock
+    starts again. The path on rank 0, None on the others."""
+    written = None
+    if get_rank() == 0:
+        written = save_checkpoint(path, **state)
+        logger.info(f'saved {written}')
+    all_reduce_sum(torch.zeros(1, device=device))
+    if preemption is not None:
+        preemption.saved()
+    return written

@@ -13,6 +13,28 @@ class CheckpointEntryError(UserError):
     """A checkpoint that reads but holds something unusable; the message names the file and entry."""
 
 
+# More elements than any tensor of these models holds by far (the largest, FocalNet-H's 21841-class
+# classifier, has about 6 x 10^7): a tensor beyond it comes from a damaged or crafted file, and reading it whole
+# (to check it is finite, or to load it) could take all the memory there is.
+MAX_ELEMENTS = 2 ** 31
+
+
+def _check_extent(tensor: torch.Tensor, where: str):
+    """The tensor's shape against its storage, from the sizes alone (nothing is allocated or read): a
+    view that claims more elements than its storage holds (a stride-0 expansion saved in place of
+    data) or an absurd element count is refused before anything touches its values."""
+    count = tensor.numel()
+    if count > MAX_ELEMENTS:
+        raise CheckpointEntryError(f'{where} has shape {list(tensor.shape)} ({count:.3g} elements, more '
+                                   f'than the {MAX_ELEMENTS:.3g} any model here holds); refusing it')
+    need = count * tensor.element_size()
+    have = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
+    if count and have < need:
+        raise CheckpointEntryError(f'{where} has shape {list(tensor.shape)} ({need} bytes) but its storage '
+                                   f'holds {max(have, 0)} bytes (an expanded or overlapping view, not '
+                                   f'data); refusing it')
+
+
 def _check_tensors(state, path: str, entry: str):
     """A state dict of dense tensors with data, finite where floating point."""
     if not isinstance(state, Mapping):
@@ -27,6 +49,7 @@ def _check_tensors(state, path: str, entry: str):
         if tensor.is_meta:
             raise CheckpointEntryError(f'{where} holds no data (a meta tensor, saved from a model '
                                        f'that was never materialised)')
+        _check_extent(tensor, where)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointEntryError(f'{where} has {bad} non-finite value(s) (NaN or inf); refusing '
@@ -51,7 +74,7 @@ def _check_rng(state, path: str, entry: str = 'rng'):
 
 def check_checkpoint(ckpt, path: str, *, training: bool):
     """Raise a CheckpointEntryError naming the first unusable entry: the model (and EMA) weights for any
-    use, and for resuming training also the optimizer, epoch, best accuracy, scaler, random states
+    use, and for resuming training also the optimizer, epoch, best score, scaler, random states
     and the mid-epoch position. Entries another program wrote and this one does not use are not
     judged."""
     if not isinstance(ckpt, Mapping) or 'model' not in ckpt:
@@ -76,11 +99,14 @@ def check_checkpoint(ckpt, path: str, *, training: bool):
     epoch = ckpt['epoch']
     if not _whole(epoch) or epoch < -1:
         raise CheckpointEntryError(f'{path}: the "epoch" entry is {epoch!r}; expected a whole number >= -1')
-    best = ckpt.get('max_accuracy', 0.0)
-    if isinstance(best, torch.Tensor) and best.numel() == 1:
-        best = best.item()
-    if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
-        raise CheckpointEntryError(f'{path}: the "max_accuracy" entry is {best!r}; expected a finite number')
+    # The best score so far; 'max_accuracy' is its name in the official checkpoints and in ours of
+    # classification, which keep it for the official code.
+    for entry in ('best_score', 'max_accuracy'):
+        best = ckpt.get(entry, 0.0)
+        if isinstance(best, torch.Tensor) and best.numel() == 1:
+            best = best.item()
+        if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
+            raise CheckpointEntryError(f'{path}: the "{entry}" entry is {best!r}; expected a finite number')
     scaler = ckpt.get('scaler')
     if scaler is not None and not (isinstance(scaler, Mapping) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in scaler.values())):
@@ -108,3 +134,25 @@ def _check_position(position, path: str, epoch: int):
                                    f'{position[shown]!r}')
     for i, state in enumerate(position['rng']):
         _check_rng(state, path, f'position.rng[{i}]')
+
+
+def check_optimizer_fits(saved, optimizer, path: str):
+    """The optimizer state of a checkpoint against the optimizer built for this model, before it is
+    loaded: torch loads moments of another shape without a word, and the first step then fails deep
+    inside the update. The groups, their sizes and every per-parameter tensor's shape must match."""
+    groups = optimizer.param_groups
+    if len(saved['param_groups']) != len(groups):
+        raise CheckpointEntryError(f'{path}: the "optimizer" entry has {len(saved["param_groups"])} '
+                                   f'parameter group(s); this model\'s optimizer has {len(groups)}')
+    for number, (kept, group) in enumerate(zip(saved['param_groups'], groups)):
+        if len(kept['params']) != len(group['params']):
+            raise CheckpointEntryError(f'{path}: the "optimizer" entry\'s group {number} has '
+                                       f'{len(kept["params"])} parameters; this model\'s has '
+                                       f'{len(group["params"])}')
+        for index, param in zip(kept['params'], group['params']):
+            state = saved['state'].get(index, {})
+            for name, value in (state.items() if isinstance(state, Mapping) else ()):
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise CheckpointEntryError(
+                        f'{path}: the "optimizer" entry\'s {name} of parameter {index} has shape '
+                        f'{list(value.shape)}; the parameter has {list(param.shape)}')

@@ -6,7 +6,7 @@
     143  stopped by SIGTERM (130: SIGINT) after saving the position reached: run the same command
          to continue (see engine/preemption.py for why 128 + the signal number)
 """
-import errno
+import argparse
 import logging
 import signal
 import sys
@@ -16,16 +16,13 @@ from errors import TrainingStopped, UserError
 from logger import NAME as LOGGER_NAME, close_logger
 from utils import cleanup_distributed, get_rank
 
+from .folders import no_space
 from .preemption import EXIT_BASE, Preempted
 
 logger = logging.getLogger(LOGGER_NAME)
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
-
-
-def _no_space(error: OSError) -> bool:
-    return error.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC))
 
 
 def run_cli(run: Callable[[], int]) -> int:
@@ -47,7 +44,7 @@ def run_cli(run: Callable[[], int]) -> int:
                'output folder is intact')
         return EXIT_BASE + signal.SIGINT
     except OSError as e:
-        if not _no_space(e):
+        if not no_space(e):
             raise
         where = f' for {e.filename}' if e.filename else ''
         report(f'training stopped: no space left on the device{where}; the checkpoints already in the '
@@ -67,3 +64,26 @@ def report(message: str, console: bool = True):
             handler.emit(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
     if console:
         print(message, file=sys.stderr, flush=True)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, cfg_help: str, opts_example: str,
+                      data_help: str, pretrained_help: str, cfg_required: bool = True):
+    """The flags every entry point takes, each setting the config key config.get_config names; a task
+    adds its own after these."""
+    parser.add_argument('--cfg', metavar='FILE', required=cfg_required, help=cfg_help)
+    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
+                        help=f'override config keys: --opts {opts_example}')
+    parser.add_argument('--data-path', help=data_help)
+    parser.add_argument('--batch-size', type=int, help='images per process and step')
+    parser.add_argument('--resume', help='checkpoint to resume from, or to evaluate with --eval (its '
+                        'stored config is used; --cfg and --opts override only the keys they name)')
+    parser.add_argument('--pretrained', help=pretrained_help)
+    parser.add_argument('--eval', action='store_true', help='evaluate only')
+    parser.add_argument('--accumulation-steps', type=int, help='micro-batches per optimizer step')
+    parser.add_argument('--use-checkpoint', action='store_true', help='gradient checkpointing')
+    parser.add_argument('--amp-opt-level', choices=['O0', 'O1', 'O2'],
+                        help='O0 turns mixed precision off; O1 and O2 both use torch.amp')
+    parser.add_argument('--output', metavar='PATH', help='output root; a run writes <output>/<name>/<tag>')
+    parser.add_argument('--tag', help='name of the run under the model name')
+    # Passed by the legacy torch.distributed.launch; torchrun sets LOCAL_RANK in the environment instead.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)

@@ -117,6 +117,7 @@ RULES: Dict[str, Rule] = {
     'TRAIN.EPOCHS': _at_least(1),
     'TRAIN.WARMUP_EPOCHS': _at_least(0),
     'TRAIN.WEIGHT_DECAY': _at_least(0, 'a number'),
+    'TRAIN.BASE_BATCH_SIZE': _at_least(1),
     'TRAIN.BASE_LR': _at_least(0, 'a number'),
     'TRAIN.WARMUP_LR': _at_least(0, 'a number'),
     'TRAIN.MIN_LR': _at_least(0, 'a number'),

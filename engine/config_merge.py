@@ -1,6 +1,7 @@
 """Reading and merging config values: YAML files (with their BASE files), --opts KEY VALUE pairs and
 typed overrides, each value brought to its default's type; and the differences between two configs."""
 import difflib
+import logging
 import math
 import os
 from ast import literal_eval
@@ -12,6 +13,44 @@ from yacs.config import CfgNode as CN
 from errors import UserError
 
 from .config_checks import MISSING, RULES, lookup, show
+
+logger = logging.getLogger('focalnet')
+
+# Keys that were renamed: the old name is still read (into the new key, with a warning) so that
+# existing config files and command lines keep working; it is no longer written.
+RENAMED = {
+    # One key for the global batch the learning rates are meant for, in every task.
+    'DETECTION.BASE_BATCH': 'TRAIN.BASE_BATCH_SIZE',
+    'SEG.TRAIN.LR_BATCH': 'TRAIN.BASE_BATCH_SIZE',
+}
+
+
+def _deprecated(old: str, where: str):
+    logger.warning(f'{old} in {where} is deprecated: it is now {RENAMED[old]} (same meaning); '
+                   f'rename it, the old name will be refused in a later release')
+
+
+def _renamed(data: dict, where: str) -> dict:
+    """``data`` (a nested mapping) with each old key of RENAMED moved to its new place; a new key given
+    as well wins."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split('.')
+        node = data
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        _deprecated(old, where)
+        *parents, leaf = new.split('.')
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(leaf, value)
+    return data
 
 _ARCH_NAMES = None  # the registered model names, read on first use
 
@@ -129,7 +168,50 @@ def merge_file(config: CN, path: str, defaults: CN, seen: tuple = ()):
     for base in _bases(data, path):
         merge_file(config, os.path.join(os.path.dirname(path), base), defaults,
                    seen + (os.path.abspath(path),))
-    _merge(config, _normalise_official(data), f'config file {path}', defaults)
+    where = f'config file {path}'
+    _merge(config, _renamed(_normalise_official(data), where), where, defaults)
+
+
+# Keys of a stored config that say where and how that run ran, not what it trained: a run that starts
+# from the stored config (an evaluation) keeps its own.
+RUN_KEYS = ('OUTPUT', 'TAG', 'MODEL.RESUME', 'MODEL.PRETRAINED', 'EVAL_MODE', 'THROUGHPUT_MODE',
+            'TRAIN.AUTO_RESUME')
+
+
+def merge_stored(config: CN, text: str, where: str, defaults: CN):
+    """Merge a config saved as YAML text (a checkpoint's), but for its RUN_KEYS. Keys this version
+    does not know (from an older or newer version) are left out with a warning instead of stopping
+    the run."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f'{where} is not valid YAML: {getattr(e, "problem", None) or e}') from None
+    if not isinstance(data, dict):
+        raise UserError(f'{where} is not a mapping of keys')
+    data = _renamed(data, where)
+    data.pop('BASE', None)
+    known = set(_all_keys(defaults))
+    dropped = []
+
+    def keep_known(node: dict, prefix: str = '') -> dict:
+        kept = {}
+        for key, value in node.items():
+            full = f'{prefix}{key}'
+            if full in RUN_KEYS:
+                continue
+            if isinstance(value, dict) and isinstance(lookup(defaults, full), CN):
+                kept[key] = keep_known(value, full + '.')
+            elif full in known:
+                kept[key] = value
+            else:
+                dropped.append(full)
+        return kept
+
+    data = keep_known(data)
+    if dropped:
+        logger.warning(f'{where}: left out {len(dropped)} key(s) this version does not know: '
+                       f'{", ".join(dropped[:5])}{" ..." if len(dropped) > 5 else ""}')
+    _merge(config, data, where, defaults)
 
 
 def _unknown(key: str, where: str, known: Iterable[str]) -> UserError:
@@ -176,6 +258,9 @@ def merge_opts(config: CN, opts: Sequence[str], defaults: CN):
     if len(opts) % 2:
         raise UserError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
     for key, value in zip(opts[0::2], opts[1::2]):
+        if key in RENAMED:
+            _deprecated(key, '--opts')
+            key = RENAMED[key]
         if isinstance(lookup(config, key), CN):
             raise UserError(f'--opts {key} names a section, not a key; give one of its keys, such as '
                             f'{key}.{next(iter(lookup(config, key)))}')

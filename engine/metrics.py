@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON record per line, appended durably; a resumed run rewrites its future.
+"""metrics.jsonl: one JSON record per line, appended durably; a resumed run rewrites its future. And
+the TensorBoard writer beside it.
 
 Every line is strict JSON: Python's json writes NaN and Infinity, which JSON does not have and most
 readers (jq, JavaScript, pandas with the default engine) reject. An undefined value (the mIoU of a
@@ -9,7 +10,8 @@ import json
 import logging
 import math
 import os
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 from utils import get_rank
 
@@ -43,6 +45,29 @@ def append_metrics(path: str, record: dict):
         raise OSError(e.errno, e.strerror, path) from None
 
 
+def record(out: str, values: dict, writer=None, step: int = 0, scalars=(), prefix: str = 'epoch'):
+    """Record an epoch or an evaluation interval, on rank 0: ``values`` appended to the metrics.jsonl
+    of the output folder ``out``, and those of its ``scalars`` keys that are set to TensorBoard as
+    <prefix>/<key> at ``step``."""
+    if get_rank() != 0:
+        return
+    append_metrics(os.path.join(out, 'metrics.jsonl'), values)
+    if writer is not None:
+        for key in scalars:
+            if values.get(key) is not None:
+                writer.add_scalar(f'{prefix}/{key}', values[key], step)
+        writer.flush()
+
+
+def record_evaluation(out: str, loader, checkpoint: str, values: dict):
+    """After an evaluation run (--eval): the images it skipped reported, and its record ('mode':
+    'eval', the weights evaluated, ``values``) appended to <out>/metrics.jsonl by rank 0."""
+    from data.robust import report_skipped
+    report_skipped((loader,), 'evaluation', out)
+    if get_rank() == 0:
+        append_metrics(os.path.join(out, 'metrics.jsonl'), {'mode': 'eval', 'checkpoint': checkpoint, **values})
+
+
 def drop_metrics_from(path: str, position: int, key: str = 'epoch'):
     """Forget training records whose ``key`` (epoch, or iteration for iteration-based runs) is
     ``position`` or later: a resumed run writes them again. Evaluation records stay."""
@@ -72,3 +97,15 @@ def tensorboard_writer(output_dir: str) -> Optional[object]:
         return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(output_dir)
+
+
+@contextmanager
+def open_tensorboard(output_dir: str) -> Iterator[Optional[object]]:
+    """``with open_tensorboard(out) as writer:`` :func:`tensorboard_writer`, closed at the end of the
+    block however it ends (its last events are written)."""
+    writer = tensorboard_writer(output_dir)
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .focalnet import FocalNet
 from .pretrained import CheckpointError, convert_state_dict, extract_state_dict, read_state_file
+from .state_fit import fit_problems
 
 __all__ = ['FocalNetDense', 'build_dense_backbone', 'load_dense_checkpoint', 'init_from_classification',
            'dense_state_from_classification']
@@ -165,30 +166,10 @@ def build_dense_backbone(config, out_indices: Sequence[int] = (0, 1, 2, 3)) -> F
 
 # ---- weights -------------------------------------------------------------------------------------
 
-_SHOWN = 10
-
-
-def _listing(items: Sequence[str]) -> str:
-    items = list(items)
-    more = [f'... and {len(items) - _SHOWN} more'] if len(items) > _SHOWN else []
-    return '\n    ' + '\n    '.join(items[:_SHOWN] + more)
-
-
 def _mismatch_error(source: str, what: str, state: StateDict, target: StateDict,
                     extra_hint: str = '') -> CheckpointError:
-    missing = [f'{k} {list(v.shape)}' for k, v in target.items() if k not in state]
-    unexpected = [f'{k} {list(v.shape)}' for k, v in state.items() if k not in target]
-    shapes = [f'{k} file {list(state[k].shape)} vs model {list(v.shape)}'
-              for k, v in target.items() if k in state and state[k].shape != v.shape]
-    parts = []
-    if missing:
-        parts.append(f'{len(missing)} missing from the file:' + _listing(missing))
-    if unexpected:
-        parts.append(f'{len(unexpected)} unexpected in the file:' + _listing(unexpected))
-    if shapes:
-        parts.append(f'{len(shapes)} of another shape:' + _listing(shapes))
-    return CheckpointError(f'{source}: the {what} does not fit the backbone:\n  ' + '\n  '.join(parts)
-                           + extra_hint)
+    return CheckpointError(f'{source}: the {what} does not fit the backbone:\n  '
+                           + '\n  '.join(fit_problems(state, target)) + extra_hint)
 
 
 def _state_of(source: Union[str, PathLike, Mapping]) -> Tuple[Mapping, str]:

@@ -27,12 +27,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn as nn
 
+from .state_fit import listing
+
 __all__ = ['CheckpointError', 'read_state_file', 'extract_state_dict', 'detect_layout',
            'convert_state_dict', 'to_timm', 'to_hf', 'adapt_input_conv', 'load_pretrained', 'LAYOUTS']
 
 LAYOUTS = ('official', 'timm', 'hf')
 StateDict = Dict[str, torch.Tensor]
-_SHOWN = 10  # offending keys listed in an error message; the rest are counted
 _ITEM = '\n    '
 
 
@@ -156,7 +157,7 @@ def extract_state_dict(obj, source: str = 'checkpoint') -> StateDict:
                    if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f'{source}: {len(not_tensors)} entries are not tensors, so this is not a '
-                              f'state dict: {_listing(not_tensors)}')
+                              f'state dict: {listing(not_tensors)}')
     state = dict(obj)
     for prefix in ('module.', '_orig_mod.'):
         if all(k.startswith(prefix) for k in state):
@@ -239,7 +240,7 @@ def detect_layout(keys) -> str:
     if any(_OFFICIAL_KEY.search(k) for k in keys):
         return 'official'
     raise CheckpointError(f'not a FocalNet state dict in a known layout ({", ".join(LAYOUTS)}); '
-                          f'its first keys: {_listing(keys)}')
+                          f'its first keys: {listing(keys)}')
 
 
 def _convert(state_dict: StateDict) -> Tuple[StateDict, str, Dict[str, str]]:
@@ -303,12 +304,6 @@ def to_hf(state_dict: Mapping) -> StateDict:
 
 def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
-
-
-def _listing(items: Sequence[str], sep: str = ', ') -> str:
-    items = list(items)
-    more = [f'... and {len(items) - _SHOWN} more'] if len(items) > _SHOWN else []
-    return sep.join(items[:_SHOWN] + more)
 
 
 def _named(key: str, origin: Dict[str, str]) -> str:
@@ -415,14 +410,14 @@ def load_pretrained(model: nn.Module, path: Union[str, PathLike], *, replace_cla
     problems = []
     if missing:
         problems.append(f'{len(missing)} missing from the file:' + _ITEM
-                        + _listing([f'{k} {_shape(target[k])}' for k in missing], _ITEM))
+                        + listing([f'{k} {_shape(target[k])}' for k in missing], sep=_ITEM))
     if unexpected:
-        problems.append(f'{len(unexpected)} unexpected in the file:' + _ITEM + _listing(
-            [f'{_named(k, origin)} {_shape(state[k])}' for k in unexpected], _ITEM))
+        problems.append(f'{len(unexpected)} unexpected in the file:' + _ITEM + listing(
+            [f'{_named(k, origin)} {_shape(state[k])}' for k in unexpected], sep=_ITEM))
     if mismatched:
-        problems.append(f'{len(mismatched)} of another shape:' + _ITEM + _listing(
+        problems.append(f'{len(mismatched)} of another shape:' + _ITEM + listing(
             [f'{_named(k, origin)} file {_shape(state[k])} vs model {_shape(target[k])}'
-             for k in mismatched], _ITEM))
+             for k in mismatched], sep=_ITEM))
     if head_problem and not replace_classifier:
         problems.append(head_problem + '; to fine-tune with the model\'s freshly initialised '
                         'classifier instead, pass replace_classifier=True')

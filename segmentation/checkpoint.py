@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from models.dense import init_from_classification
 from models.pretrained import CheckpointError, extract_state_dict, read_state_file
+from models.state_fit import fit_problems, listing
 
 # (prefix in the released checkpoint, prefix in this codebase, what it is)
 KEY_MAP: List[Tuple[str, str, str]] = [
@@ -33,14 +34,6 @@ KEY_MAP: List[Tuple[str, str, str]] = [
 # Inside every conv block: mmcv ConvModule's ``conv`` (no bias) and ``bn`` (weight, bias, running
 # statistics, num_batches_tracked).
 
-_SHOWN = 10
-
-
-def _listing(title: str, items: List[str]) -> str:
-    more = [f'... and {len(items) - _SHOWN} more'] if len(items) > _SHOWN else []
-    return f'{len(items)} {title}:\n    ' + '\n    '.join(items[:_SHOWN] + more)
-
-
 def convert_official(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """A released (mmsegmentation) state dict renamed through KEY_MAP; keys outside it are an error."""
     out, unknown = {}, []
@@ -53,7 +46,8 @@ def convert_official(state: Mapping[str, torch.Tensor], source: str = 'checkpoin
             unknown.append(key)
     if unknown:
         raise CheckpointError(f'{source}: not an UPerNet checkpoint of the released layout: '
-                              + _listing('keys outside its parts (backbone, decode_head, auxiliary_head)', unknown))
+                              + f'{len(unknown)} keys outside its parts (backbone, decode_head, auxiliary_head):\n    '
+                              + listing(unknown, sep='\n    '))
     return out
 
 
@@ -68,28 +62,22 @@ def load_segmentor_weights(model: nn.Module, path: str) -> dict:
     Returns {'path', 'num_tensors'}."""
     state = convert_official(extract_state_dict(read_state_file(path), path), path)
     target = model.state_dict()
-    missing = [f'{k} {list(v.shape)}' for k, v in target.items()
-               if k not in state and not k.endswith('num_batches_tracked')]
-    unexpected = [f'{k} {list(v.shape)}' for k, v in state.items() if k not in target]
-    shapes = [f'{k} file {list(state[k].shape)} vs model {list(v.shape)}'
-              for k, v in target.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = [_listing(title, items) for title, items in
-                 (('missing from the file', missing), ('unexpected in the file', unexpected),
-                  ('of another shape', shapes)) if items]
+    problems = fit_problems(state, target, may_lack=lambda key: key.endswith('num_batches_tracked'))
+    if problems:
         hint = ''
-        if any(k.startswith('decode_head.conv_seg.') for k in shapes):
+        if any(k.startswith('decode_head.conv_seg.') and k in state and state[k].shape != v.shape
+               for k, v in target.items()):
             hint = ('\n  (the classifier has another number of classes: set MODEL.NUM_CLASSES to the '
                     'checkpoint\'s)')
         raise CheckpointError(f'{path}: the checkpoint does not fit the segmentor:\n  '
-                              + '\n  '.join(parts) + hint)
+                              + '\n  '.join(problems) + hint)
     full = dict(target)
     full.update(state)
     model.load_state_dict(full, strict=True)
     return {'path': str(path), 'num_tensors': len(state)}
 
 
-def load_pretrained(model: nn.Module, path: str) -> str:
+def init_from_pretrained(model: nn.Module, path: str) -> str:
     """``--pretrained``: a whole segmentor (released ADE20K checkpoint), or ImageNet classification
     weights for the backbone, adapted as the official code does (models.dense.init_from_classification).
     Returns a line for the log."""

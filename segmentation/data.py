@@ -27,7 +27,9 @@ from data.files import check_pixels, not_regular, open_regular
 from data.images import upright_size
 from data.robust import (CorruptImageError, DataError, SkipReportingLoader, collate_with_problems,
                          open_image)
+from data.workers import worker_count
 from engine.seed import seed_worker
+from models.state_fit import listing
 from utils import get_rank, get_world_size
 
 from .transforms import IGNORE_INDEX
@@ -96,7 +98,7 @@ def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
         (passed_over.append(f'{name} ({problem})') if problem else names.append(name))
     if passed_over:
         logger.warning(f'{image_dir}: passing over {len(passed_over)} name(s) with an image extension that '
-                       f'are not regular files: {_listing(passed_over)}')
+                       f'are not regular files: {listing(passed_over)}')
     if not names:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {image_dir}')
     pairs = [(os.path.join(image_dir, n), os.path.join(label_dir, os.path.splitext(n)[0] + '.png'))
@@ -106,18 +108,13 @@ def list_pairs(root: str, split: str) -> List[Tuple[str, str]]:
                 for label, problem in unusable if problem]
     if unusable:
         raise DataError(f'{len(unusable)} image(s) of {image_dir} have no readable label map: '
-                        f'{_listing(unusable, 3)}')
+                        f'{listing(unusable, 3)}')
     labelled = {os.path.splitext(n)[0] for n in names}
     orphans = sorted(f for f in os.listdir(label_dir) if f.endswith('.png') and f[:-4] not in labelled)
     if orphans:
         logger.warning(f'{label_dir}: {len(orphans)} label map(s) without an image in {image_dir} are '
-                       f'not used: {_listing(orphans)}')
+                       f'not used: {listing(orphans)}')
     return pairs
-
-
-def _listing(items: Sequence[str], shown: int = 10) -> str:
-    more = f' and {len(items) - shown} more' if len(items) > shown else ''
-    return ', '.join(items[:shown]) + more
 
 
 def pair_problem(image_path: str, label_path: str) -> Optional[Tuple[str, str]]:
@@ -251,9 +248,6 @@ class IterationSampler(Sampler):
             draw, skip = draw + 1, 0
 
 
-def _workers(requested: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-    return min(requested, cores)
 
 
 def _own_generator(seed: int) -> torch.Generator:
@@ -265,7 +259,7 @@ def _own_generator(seed: int) -> torch.Generator:
 def train_loader(dataset: ADE20K, batch_size: int, start: int, *, num_workers: int, pin_memory: bool,
                  skip_corrupt: bool) -> SkipReportingLoader:
     """Batches ``(images, (labels, label_paths))`` of this process from iteration ``start`` on, without end."""
-    workers = _workers(num_workers)
+    workers = worker_count(num_workers)
     return SkipReportingLoader(DataLoader(
         dataset, batch_size=batch_size, sampler=IterationSampler(len(dataset), batch_size, dataset.seed, start),
         num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
@@ -278,7 +272,7 @@ def val_loader(dataset: ADE20K, *, num_workers: int, pin_memory: bool, skip_corr
     image counts once over all processes."""
     indices: Sequence[int] = range(get_rank(), len(dataset), get_world_size())
     return SkipReportingLoader(DataLoader(
-        dataset, batch_size=1, sampler=list(indices), num_workers=_workers(num_workers),
+        dataset, batch_size=1, sampler=list(indices), num_workers=worker_count(num_workers),
         pin_memory=pin_memory, worker_init_fn=seed_worker, collate_fn=collate_with_problems,
         generator=_own_generator(dataset.seed)), skip_corrupt)
 

@@ -10,6 +10,8 @@ from errors import UserError
 from models import create_model, list_models, model_kwargs_from_config
 from models.focalnet import FocalNet
 
+ROOT = Path(__file__).resolve().parents[1]
+
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
 
@@ -106,10 +108,42 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_lr_scale_is_global_batch_over_512():
+    from lr_scheduler import lr_scale
     c = cfg.load_config(None, ['DATA.BATCH_SIZE', '128', 'TRAIN.ACCUMULATION_STEPS', '2'])
-    assert cfg.lr_scale(c, world_size=8) == 128 * 8 * 2 / 512
+    assert lr_scale(c, world_size=8) == 128 * 8 * 2 / 512
     c = cfg.load_config(None, ['DATA.BATCH_SIZE', '64', 'TRAIN.ACCUMULATION_STEPS', '0'])
-    assert cfg.lr_scale(c, world_size=1) == 64 / 512
+    assert lr_scale(c, world_size=1) == 64 / 512
+
+
+# The rates of every release config before TRAIN.BASE_BATCH_SIZE replaced the three keys for one idea:
+# 512 (classification), DETECTION.BASE_BATCH (16), SEG.TRAIN.LR_BATCH (16).
+@pytest.mark.parametrize('folder, base_batch', [('', 512), ('detection', 16), ('segmentation', 16)])
+def test_release_configs_keep_their_learning_rates(folder, base_batch):
+    from lr_scheduler import lr_scale
+    files = sorted((ROOT / 'configs' / folder).glob('*.yaml'))
+    assert files
+    for path in files:
+        c = cfg.load_config(str(path))
+        for world in (1, 8):
+            assert lr_scale(c, world) == c.DATA.BATCH_SIZE * world * max(1, c.TRAIN.ACCUMULATION_STEPS) / base_batch
+
+
+@pytest.mark.parametrize('old', ['DETECTION.BASE_BATCH', 'SEG.TRAIN.LR_BATCH'])
+def test_the_old_base_batch_keys_still_set_the_one_key_with_a_warning(old, tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.WARNING, logger='focalnet'):
+        c = cfg.load_config(None, [old, '32'])
+    assert c.TRAIN.BASE_BATCH_SIZE == 32
+    assert any(f'{old} in --opts is deprecated: it is now TRAIN.BASE_BATCH_SIZE' in r.getMessage()
+               for r in caplog.records)
+    section, *rest = old.split('.')
+    nested = f'{rest[-1]}: 24'
+    for part in reversed(rest[:-1]):
+        nested = f'{part}:\n  {nested}'
+    path = tmp_path / 'old.yaml'
+    path.write_text(f'{section}:\n  ' + nested.replace('\n', '\n  ') + '\n')
+    assert cfg.load_config(str(path)).TRAIN.BASE_BATCH_SIZE == 24
+    assert 'BASE_BATCH:' not in c.dump().replace('BASE_BATCH_SIZE', '') and 'LR_BATCH' not in c.dump()
 
 
 def test_with_num_classes_leaves_the_input_alone():

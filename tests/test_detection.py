@@ -2,8 +2,11 @@
 COCO-layout set made here, checkpoints and resume, the cost table, and user mistakes. CPU only."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ SHRINK = ['MODEL.FOCAL.EMBED_DIM', '16', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', '
           'DETECTION.RPN_BATCH_SIZE', '64', 'DETECTION.ROI_BATCH_SIZE', '64',
           'DETECTION.MIN_SIZE_TRAIN', '[128]', 'DETECTION.MIN_SIZE_TEST', '128', 'DETECTION.MAX_SIZE', '192',
           'DETECTION.CROP_RESIZE', '[]', 'DETECTION.WARMUP_ITERS', '10', 'TRAIN.BASE_LR', '2e-3',
-          'DETECTION.BASE_BATCH', '4', 'DETECTION.DETECTIONS_PER_IMAGE', '30', 'DATA.NUM_WORKERS', '1',
+          'TRAIN.BASE_BATCH_SIZE', '4', 'DETECTION.DETECTIONS_PER_IMAGE', '30', 'DATA.NUM_WORKERS', '1',
           'PRINT_FREQ', '10']
 
 
@@ -410,7 +413,7 @@ def test_the_48_configs_hold_the_official_recipe():
         assert c.MODEL.DROP_PATH_RATE == OFFICIAL_DROP_PATH[(size, schedule)]
         assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS)) == ((12, [9, 11]) if schedule == '1x' else (36, [27, 33]))
         assert (c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY, c.TRAIN.OPTIMIZER.NAME, c.TRAIN.CLIP_GRAD) == (1e-4, 0.05, 'adamw', 0)
-        assert c.DATA.BATCH_SIZE * 8 == c.DETECTION.BASE_BATCH == 16
+        assert c.DATA.BATCH_SIZE * 8 == c.TRAIN.BASE_BATCH_SIZE == 16
         assert (list(c.DETECTION.MIN_SIZE_TRAIN), c.DETECTION.MIN_SIZE_TEST, c.DETECTION.MAX_SIZE) == (
             list(range(480, 801, 32)), 800, 1333)
 
@@ -455,3 +458,100 @@ def test_user_mistakes_are_one_line_errors(coco_root, tmp_path, capsys, extra, m
     assert main(args + extra) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and message in err and '\n' not in err, err
+
+
+# ---------------------------------------------------------------------------------- the engine's guarantees
+# The same pre-emption, lock and same-config checks as classification (tests/test_resume.py) and
+# segmentation (tests/test_segmentation.py).
+
+RUN = 'mask_rcnn_focalnet_tiny_srf_1x/default'
+# Two epochs of five steps on the 20 validation images with objects, evaluated once at the end.
+SHORT = ['TRAIN.EPOCHS', '2', 'DETECTION.LR_STEPS', '[1]', 'DETECTION.TRAIN_SPLIT', 'val2017',
+         'DETECTION.EVAL_FREQ', '2', 'PRINT_FREQ', '1']
+
+
+def test_sigterm_mid_epoch_saves_and_the_rerun_ends_with_the_uninterrupted_weights(coco_root, tmp_path):
+    detection(run_args(coco_root, tmp_path / 'straight', *SHORT))
+    run_dir = tmp_path / 'stopped' / RUN
+    env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+    env.update(PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, '-m', 'detection', *run_args(coco_root, tmp_path / 'stopped', *SHORT)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / 'log_rank0.txt'
+    deadline = time.time() + 300
+    while not (log.is_file() and 'Train: [0/2][1/5]' in log.read_text()) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+    (saved,) = run_dir.glob('ckpt_epoch_*.pth')
+    assert 'stopped by SIGTERM at epoch 0 step' in err and saved.name.startswith('ckpt_epoch_0_step_'), err
+    detection(run_args(coco_root, tmp_path / 'stopped', *SHORT))
+    assert 'continuing at epoch 0 step' in log.read_text()
+    straight = tmp_path / 'straight' / RUN
+    a, b = (torch.load(r / 'ckpt_epoch_1.pth', weights_only=True) for r in (straight, run_dir))
+    assert a['model'].keys() == b['model'].keys()
+    diff = max((a['model'][k].double() - b['model'][k].double()).abs().max().item()
+               for k in a['model'] if a['model'][k].is_floating_point())
+    assert diff == 0
+    for i, state in a['optimizer']['state'].items():
+        assert torch.equal(state['exp_avg'], b['optimizer']['state'][i]['exp_avg']), i
+    drop = ('epoch_time_s',)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in records(straight)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in records(run_dir)]
+
+
+def test_a_second_run_on_a_folder_in_use_stops_and_leaves_it_untouched(coco_root, tmp_path):
+    args = run_args(coco_root, tmp_path, *SHORT)
+    folder = tmp_path / RUN
+    env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+    env.update(OMP_NUM_THREADS='1', FOCALNET_FAULT='hang@step=1')
+    first = subprocess.Popen([sys.executable, '-m', 'detection', *args], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not ((folder / 'log_rank0.txt').is_file() and 'Train:' in (folder / 'log_rank0.txt').read_text()):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        second = detection(args, check=False, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f'error: the output folder {folder} is in use by another run (host {socket.gethostname()}, '
+            f'pid {first.pid}, since {json.loads(before["run.lock"])["since"]}); stop that run, or give '
+            f'this one another --output or --tag')
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_ranks_with_different_configs_stop_with_one_line(coco_root, tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+        env.update(OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        argv = run_args(coco_root, tmp_path, 'TRAIN.EPOCHS', str(2 + rank), 'DETECTION.LR_STEPS', '[1]')
+        procs.append(subprocess.Popen([sys.executable, '-m', 'detection', *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        assert err.strip() == 'error: the processes were started with different configs: rank 1 has ' \
+                              'TRAIN.EPOCHS 3 where rank 0 has 2; start every process with the same command'
+    assert not (tmp_path / RUN).exists()
+
+
+def test_an_unwritable_output_folder_stops_before_any_work(coco_root, tmp_path, capsys):
+    from detection.train import main
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    assert main(run_args(coco_root, blocker, *SHORT)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f'error: cannot create the output folder {blocker / RUN}: {blocker} is a file, not a folder'

@@ -23,7 +23,7 @@ from detection.mmdet_heads import (MMBoxCoder, mask_head_loss, mask_targets, box
 from detection.model import build_detector
 from models.pretrained import CheckpointError
 
-pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::DeprecationWarning'), pytest.mark.usefixtures('fixture_threads')]
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'mmdet'
 REFERENCE = json.loads((FIXTURES / 'reference.json').read_text())

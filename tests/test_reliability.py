@@ -171,13 +171,13 @@ def test_retention_keeps_the_newest_checkpoints(tmp_path):
     (tmp_path / 'ckpt_epoch_9.pth').write_bytes(b'left by another run')
     for epoch in range(4):
         save_checkpoint(str(tmp_path / f'ckpt_epoch_{epoch}.pth'), model=model, optimizer=optimizer,
-                        lr_scheduler=scheduler, scaler=scaler, epoch=epoch, max_accuracy=0.0,
+                        lr_scheduler=scheduler, scaler=scaler, epoch=epoch, best_score=0.0,
                         config=load_config(), keep=2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ['ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_epoch_9.pth']
     # keep=1 never deletes the newest complete file, even beside a newer-numbered damaged one.
     save_checkpoint(str(tmp_path / 'ckpt_epoch_4.pth'), model=model, optimizer=optimizer,
-                    lr_scheduler=scheduler, scaler=scaler, epoch=4, max_accuracy=0.0,
+                    lr_scheduler=scheduler, scaler=scaler, epoch=4, best_score=0.0,
                     config=load_config(), keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt_epoch_4.pth', 'ckpt_epoch_9.pth']
     assert load(tmp_path / 'ckpt_epoch_4.pth')['epoch'] == 4
@@ -192,7 +192,7 @@ def test_a_full_disk_during_a_save_stops_cleanly_and_keeps_the_previous_file(tmp
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = dict(model=model, optimizer=optimizer,
                   lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
-                  scaler=torch.amp.GradScaler('cpu', enabled=False), max_accuracy=0.0, config=load_config())
+                  scaler=torch.amp.GradScaler('cpu', enabled=False), best_score=0.0, config=load_config())
     checkpoint.save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), epoch=0, **kwargs)
 
     def half_then_full(obj, f):
@@ -219,7 +219,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), model=model, optimizer=optimizer,
                         lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
                         scaler=torch.amp.GradScaler('cpu', enabled=False), epoch=0,
-                        max_accuracy=0.0, config=load_config())
+                        best_score=0.0, config=load_config())
     assert not list(tmp_path.iterdir())
 
 

@@ -197,7 +197,7 @@ def test_temporary_files_of_a_live_process_are_never_deleted(tmp_path):
             save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), model=model, optimizer=optimizer,
                             lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
                             scaler=torch.amp.GradScaler('cpu', enabled=False), epoch=0,
-                            max_accuracy=0.0, config=load_config())
+                            best_score=0.0, config=load_config())
             # The dead save's file goes; the live process's stays, as does another host's being written.
             assert live.exists() and remote.exists() and not dead.exists()
         finally:
@@ -375,7 +375,7 @@ def test_a_resumed_run_continues_the_gradient_scaler(tmp_path):
     path = str(tmp_path / 'ckpt_epoch_0.pth')
     save_checkpoint(path, model=model, optimizer=optimizer,
                     lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), scaler=scaler, epoch=0,
-                    max_accuracy=0.0, config=load_config())
+                    best_score=0.0, config=load_config())
     fresh = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16, growth_interval=2, enabled=True)
     load_checkpoint(path, model=torch.nn.Linear(4, 2),
                     optimizer=torch.optim.SGD(torch.nn.Linear(4, 2).parameters(), lr=0.1), scaler=fresh)

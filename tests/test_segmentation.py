@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 
 import config as cfg
 from models.pretrained import CheckpointError
-from segmentation.checkpoint import KEY_MAP, load_pretrained, load_segmentor_weights
+from segmentation.checkpoint import KEY_MAP, init_from_pretrained, load_segmentor_weights
 from segmentation.inference import predict_probs
 from segmentation.metrics import SegmentationMetric
 from segmentation.model import build_segmentor
@@ -137,7 +137,7 @@ def test_imagenet_weights_start_the_backbone_as_the_official_code_does(reference
                                                        'MODEL.FOCAL.DEPTHS', str(c['depths']),
                                                        'SEG.HEAD.CHANNELS', '16', 'SEG.HEAD.AUX_CHANNELS', '8']))
     heads = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith('backbone.')}
-    note = load_pretrained(model, str(path))
+    note = init_from_pretrained(model, str(path))
     assert 'official-layout classification weights' in note and '(10 padded, 8 added, 4 dropped)' in note
     for k, v in ref['a']['state_dict'].items():  # what the official load_checkpoint gave
         assert torch.equal(model.backbone.state_dict()[k], v), k

@@ -24,6 +24,8 @@ from segmentation.model import build_segmentor
 from segmentation.transforms import (CatMaxRatioCrop, PhotoMetricDistortion, RandomRescale,
                                      build_train_transform, normalize, rescale_size)
 
+pytestmark = pytest.mark.usefixtures('fixture_threads')
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'mmseg'
 TINY_CFG = str(ROOT / 'configs' / 'segmentation' / 'upernet_focalnet_tiny_srf_160k.yaml')

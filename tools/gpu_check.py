@@ -105,8 +105,9 @@ class _LossRecorder:
 
 def train_steps(cfg_file: str, opts: List[str], device: torch.device, dtype: Optional[torch.dtype],
                 steps: int, batch: int, img_size: int) -> dict:
-    """Losses of ``steps`` optimizer steps of main.py's train_one_epoch on one repeated batch."""
+    """Losses of ``steps`` optimizer steps of the classification train_one_epoch on one repeated batch."""
     import main
+    from classification.engine import ClassificationTrainer, train_one_epoch
     from config import load_config
     from engine import OptimizerStep, make_autocast, make_scaler
     from lr_scheduler import build_scheduler
@@ -124,15 +125,15 @@ def train_steps(cfg_file: str, opts: List[str], device: torch.device, dtype: Opt
     step = OptimizerStep(model, model, optimizer, scaler, make_autocast(device, dtype),
                          clip_grad=config.TRAIN.CLIP_GRAD)
     recorder = _LossRecorder()
-    trainer = main.Trainer(config, model, model, main.build_criterion(config, None), optimizer, scheduler,
-                           scaler, step, device, writer=recorder)
+    trainer = ClassificationTrainer(config, model, model, optimizer, scheduler, scaler, step, device,
+                                    writer=recorder, criterion=main.build_criterion(config, None))
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, img_size, img_size, generator=g)
     targets = torch.randint(0, 10, (batch,), generator=g)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    main.train_one_epoch(trainer, [(images, targets)] * steps, epoch=0, num_steps=steps)
+    train_one_epoch(trainer, [(images, targets)] * steps, epoch=0, num_steps=steps)
     seconds = time.perf_counter() - start
     losses = recorder.losses
     result = {'losses': [round(v, 4) for v in losses], 'seconds': round(seconds, 2),

@@ -300,6 +300,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default=str(REPO / 'tests' / 'fixtures' / 'mmdet'))
     args = parser.parse_args(argv)
+    torch.set_num_threads(2)  # the count the tests compare on (tests/conftest.py FIXTURE_THREADS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     register_all_modules()

@@ -267,6 +267,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('methods', nargs='+', choices=sorted(METHODS))
     args = parser.parse_args(argv)
+    torch.set_num_threads(2)  # the count the tests compare on (tests/conftest.py FIXTURE_THREADS)
     for name in args.methods:
         run_method(name, METHODS[name]())
 

@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / 'tests' / 'fixtures' / 'mmseg'
 
@@ -32,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
+    torch.set_num_threads(2)  # the count the tests compare on (tests/conftest.py FIXTURE_THREADS)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import mmseg_fixtures  # needs mmsegmentation: imported only to run
     mmseg_fixtures.write(args.out)

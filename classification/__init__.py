@@ -1,0 +1,1 @@
+"""Image classification: the training loop and validation of main.py."""
