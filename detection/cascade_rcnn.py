@@ -26,8 +26,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, roi_align
 
 from models.dense import FocalNetDense
 
-from .layers import (FPN, Batch, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas, encode_deltas,
-                     grid_anchors, valid_flags)
+from .layers import (FPN, Batch, BatchDetector, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas,
+                     encode_deltas, grid_anchors, valid_flags)
 
 EPS = torch.finfo(torch.float32).eps
 STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
@@ -436,9 +436,10 @@ class CascadeRoIHead(nn.Module):
 RELEASED_KEYS = {'backbone.': 'backbone.', 'neck.': 'neck.', 'rpn_head.': 'rpn_head.', 'roi_head.': 'roi_head.'}
 
 
-class CascadeMaskRCNN(nn.Module):
+class CascadeMaskRCNN(BatchDetector):
     """Backbone, FPN, RPN, cascade RoI head; ``forward(images, targets)`` as torchvision's detectors
     (targets with ``masks``); per image ``boxes``/``scores``/``labels`` (1..K)/``masks`` (N, 1, H, W)."""
+    with_masks = True
     released_keys = RELEASED_KEYS
 
     def __init__(self, backbone: FocalNetDense, num_classes: int, transform: ResizeNormalizePad,
@@ -474,12 +475,6 @@ class CascadeMaskRCNN(nn.Module):
         for r in results:
             r['labels'] = r['labels'] + 1
         return results
-
-    def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None):
-        batch = self.transform(images, targets, training=self.training, with_masks=self.training)
-        if self.training:
-            return self.loss_batch(batch)
-        return self.predict_batch(batch)
 
     def heads_for_cost(self, maps: Sequence[torch.Tensor], rois: int = 1000, mask_rois: int = 100):
         """What mmdetection's get_flops runs after the backbone: the neck, the RPN head on every level,

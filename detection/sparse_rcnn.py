@@ -20,7 +20,7 @@ Parameter names are mmdetection's (``backbone``, ``neck``, ``rpn_head.init_propo
 ``roi_head.bbox_head.{i}.*``), so a released checkpoint loads through ``RELEASED_KEYS`` unchanged.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from models.dense import FocalNetDense
 
 from .atss import _reduce_mean
 from .cascade_rcnn import roi_features, rois_of
-from .layers import FPN, Batch, ResizeNormalizePad, decode_deltas
+from .layers import FPN, Batch, BatchDetector, ResizeNormalizePad, decode_deltas
 
 # mmdetection divides by (count + float32 eps) when averaging a loss.
 EPS = torch.finfo(torch.float32).eps
@@ -272,7 +272,7 @@ class SparseRoIHead(nn.Module):
 RELEASED_KEYS = {'backbone.': 'backbone.', 'neck.': 'neck.', 'rpn_head.': 'rpn_head.', 'roi_head.': 'roi_head.'}
 
 
-class SparseRCNN(nn.Module):
+class SparseRCNN(BatchDetector):
     """Backbone, FPN, learned proposals, six stages; ``forward(images, targets)`` as torchvision's
     detectors: the losses in training, per image ``boxes``/``scores``/``labels`` (1..K) otherwise."""
 
@@ -305,12 +305,6 @@ class SparseRCNN(nn.Module):
         for r in results:
             r['labels'] = r['labels'] + 1
         return results
-
-    def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None):
-        batch = self.transform(images, targets, training=self.training)
-        if self.training:
-            return self.loss_batch(batch)
-        return self.predict_batch(batch)
 
     def heads_for_cost(self, maps: Sequence[torch.Tensor]):
         """What mmdetection's get_flops runs after the backbone: the neck, then every stage on the

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from conftest import ROOT
+from conftest import ROOT, torch_threads
 from test_detection import detection, make_split, records
 
 from config import load_config
@@ -212,10 +212,8 @@ SPARSE_THREADS = 1
 
 @pytest.fixture
 def sparse_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(SPARSE_THREADS)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(SPARSE_THREADS):
+        yield
 
 
 def match_detections(ours: dict, theirs: dict):
