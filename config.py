@@ -185,7 +185,8 @@ _C.TEST.CROP = True
 # COCO root, DATA.BATCH_SIZE the images per process, MODEL.NUM_CLASSES is set from the annotations.
 _C.DETECTION = CN()
 # torchvision detector: 'mask_rcnn', 'faster_rcnn' (FPN on stages 0-3 plus a max-pooled level),
-# 'retinanet' or 'fcos' (FPN on stages 1-3 plus P6 and P7).
+# 'retinanet' or 'fcos' (FPN on stages 1-3 plus P6 and P7); or one written with mmdetection's names:
+# 'atss', 'cascade_mask_rcnn', 'sparse_rcnn' (detection/atss.py, cascade_rcnn.py, sparse_rcnn.py).
 _C.DETECTION.METHOD = 'mask_rcnn'
 # <DATA_PATH>/<split>/ images and <DATA_PATH>/annotations/instances_<split>.json.
 _C.DETECTION.TRAIN_SPLIT = 'train2017'
@@ -219,13 +220,22 @@ _C.DETECTION.LR_STEPS = [9, 11]
 # Training batches hold images of one orientation (landscape or not), as mmdetection's GroupSampler.
 _C.DETECTION.GROUP_ASPECT_RATIO = True
 # Weight decay as the official configs: 'official' spares only parameters named *norm* (biases and
-# layer scales are decayed); 'classification' spares every 1-D parameter, as optimizer.py does.
+# layer scales are decayed); 'classification' spares every 1-D parameter, as optimizer.py does;
+# 'all' spares none (the official Sparse R-CNN config, which sets no parameter-wise rule).
 _C.DETECTION.DECAY_GROUPS = 'official'
 # Test time: detections kept per image, and the score they need.
 _C.DETECTION.SCORE_THRESH = 0.05
 _C.DETECTION.DETECTIONS_PER_IMAGE = 100
 # Evaluate on the validation set every EVAL_FREQ epochs, and after the last.
 _C.DETECTION.EVAL_FREQ = 1
+# Sparse R-CNN (METHOD 'sparse_rcnn'): learned proposals, refinement stages, the width of each
+# stage's FFN and of its dynamic convolution. Its test keeps the best DETECTIONS_PER_IMAGE
+# (proposal, class) scores, with no SCORE_THRESH and no NMS (the official config).
+_C.DETECTION.SPARSE = CN()
+_C.DETECTION.SPARSE.NUM_PROPOSALS = 300
+_C.DETECTION.SPARSE.NUM_STAGES = 6
+_C.DETECTION.SPARSE.FFN_CHANNELS = 2048
+_C.DETECTION.SPARSE.DYNAMIC_CHANNELS = 64
 
 # ---------------------------------------------------------------------------------------------------
 # Semantic segmentation (python -m segmentation): UPerNet on the dense FocalNet backbone.

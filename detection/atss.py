@@ -15,7 +15,7 @@ steps; 2.x picked its 1000 per level by score x centre-ness, whole anchors at a 
 Parameter names are mmdetection's (``backbone.*``, ``neck.*``, ``bbox_head.*``).
 """
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_los
 
 from models.dense import FocalNetDense
 
-from .layers import (FPN, Batch, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas, grid_anchors,
-                     square_anchor, to_original, valid_flags)
+from .layers import (FPN, Batch, BatchDetector, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas,
+                     grid_anchors, square_anchor, to_original, valid_flags)
 
 # mmdetection divides by (count + float32 eps) when averaging a loss.
 EPS = torch.finfo(torch.float32).eps
@@ -244,7 +244,7 @@ def _reduce_mean(x: torch.Tensor) -> torch.Tensor:
 RELEASED_KEYS = {'backbone.': 'backbone.', 'neck.': 'neck.', 'bbox_head.': 'bbox_head.'}
 
 
-class ATSS(nn.Module):
+class ATSS(BatchDetector):
     """Backbone, neck and head; ``forward(images, targets)`` as torchvision's detectors: images are
     (3, H, W) in [0, 1], targets ``boxes`` (x1y1x2y2 pixels) and ``labels`` (1..K); the losses in
     training, per image ``boxes``/``scores``/``labels`` (1..K) otherwise."""
@@ -270,12 +270,6 @@ class ATSS(nn.Module):
         for r in results:
             r['labels'] = r['labels'] + 1
         return results
-
-    def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None):
-        batch = self.transform(images, targets, training=self.training)
-        if self.training:
-            return self.loss_batch(batch)
-        return self.predict_batch(batch)
 
     def heads_for_cost(self, maps: Sequence[torch.Tensor]):
         """What mmdetection's get_flops runs after the backbone: the neck and the head on every level."""

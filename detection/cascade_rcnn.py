@@ -26,8 +26,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss, roi_align
 
 from models.dense import FocalNetDense
 
-from .layers import (FPN, Batch, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas, encode_deltas,
-                     grid_anchors, valid_flags)
+from .layers import (FPN, Batch, BatchDetector, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas,
+                     encode_deltas, grid_anchors, valid_flags)
 
 EPS = torch.finfo(torch.float32).eps
 STAGE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
@@ -179,9 +179,9 @@ def rois_of(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, strides: Sequence[int], size: int,
-                 finest_scale: int = 56) -> torch.Tensor:
+                 finest_scale: int = 56, sampling_ratio: int = 0) -> torch.Tensor:
     """mmdetection's SingleRoIExtractor: each RoI from level floor(log2(sqrt(area) / 56)) (clamped),
-    RoIAlign with adaptive sampling, aligned."""
+    RoIAlign with ``sampling_ratio`` samples a bin (0: adaptive), aligned."""
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(min=0, max=len(strides) - 1).long()
     out = feats[0].new_zeros(len(rois), feats[0].shape[1], size, size)
@@ -189,7 +189,7 @@ def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, strides: Seq
         inds = (levels == lvl).nonzero().view(-1)
         if len(inds):
             out[inds] = roi_align(feats[lvl], rois[inds], (size, size), spatial_scale=1.0 / stride,
-                                  sampling_ratio=0, aligned=True)
+                                  sampling_ratio=sampling_ratio, aligned=True)
     return out
 
 
@@ -436,9 +436,10 @@ class CascadeRoIHead(nn.Module):
 RELEASED_KEYS = {'backbone.': 'backbone.', 'neck.': 'neck.', 'rpn_head.': 'rpn_head.', 'roi_head.': 'roi_head.'}
 
 
-class CascadeMaskRCNN(nn.Module):
+class CascadeMaskRCNN(BatchDetector):
     """Backbone, FPN, RPN, cascade RoI head; ``forward(images, targets)`` as torchvision's detectors
     (targets with ``masks``); per image ``boxes``/``scores``/``labels`` (1..K)/``masks`` (N, 1, H, W)."""
+    with_masks = True
     released_keys = RELEASED_KEYS
 
     def __init__(self, backbone: FocalNetDense, num_classes: int, transform: ResizeNormalizePad,
@@ -474,12 +475,6 @@ class CascadeMaskRCNN(nn.Module):
         for r in results:
             r['labels'] = r['labels'] + 1
         return results
-
-    def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None):
-        batch = self.transform(images, targets, training=self.training, with_masks=self.training)
-        if self.training:
-            return self.loss_batch(batch)
-        return self.predict_batch(batch)
 
     def heads_for_cost(self, maps: Sequence[torch.Tensor], rois: int = 1000, mask_rois: int = 100):
         """What mmdetection's get_flops runs after the backbone: the neck, the RPN head on every level,

@@ -231,3 +231,18 @@ def to_original(boxes: torch.Tensor, scale: Tuple[float, float]) -> torch.Tensor
     """Boxes from resized pixels back to the image's (mmdetection multiplies by the reciprocals)."""
     sx, sy = scale
     return boxes * boxes.new_tensor([1 / sx, 1 / sy, 1 / sx, 1 / sy])
+
+
+class BatchDetector(nn.Module):
+    """torchvision's detector call on the detectors written here: images (and targets in training)
+    become one padded ``Batch`` through ``self.transform``; training returns ``loss_batch``'s losses,
+    evaluation ``predict_batch``'s detections. ``with_masks`` says whether training batches carry
+    instance masks."""
+    with_masks = False
+
+    def forward(self, images: List[torch.Tensor], targets: Optional[List[dict]] = None):
+        batch = self.transform(images, targets, training=self.training,
+                               with_masks=self.with_masks and self.training)
+        if self.training:
+            return self.loss_batch(batch)
+        return self.predict_batch(batch)

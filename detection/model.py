@@ -21,10 +21,10 @@ from models.dense import FocalNetDense, build_dense_backbone
 
 from .mmdet_heads import build_rcnn
 
-METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss', 'cascade_mask_rcnn')
+METHODS = ('mask_rcnn', 'faster_rcnn', 'retinanet', 'fcos', 'atss', 'cascade_mask_rcnn', 'sparse_rcnn')
 TWO_STAGE = ('mask_rcnn', 'faster_rcnn')
 # Detectors written with mmdetection's names, whose released checkpoints load whole.
-RELEASED_LOADABLE = ('atss', 'cascade_mask_rcnn')
+RELEASED_LOADABLE = ('atss', 'cascade_mask_rcnn', 'sparse_rcnn')
 
 
 class FocalNetFPN(nn.Module):
@@ -74,6 +74,9 @@ def build_detector(config, num_classes: int) -> nn.Module:
     if method == 'cascade_mask_rcnn':
         from .cascade_rcnn import build_cascade_mask_rcnn
         return build_cascade_mask_rcnn(config, num_classes)
+    if method == 'sparse_rcnn':
+        from .sparse_rcnn import build_sparse_rcnn
+        return build_sparse_rcnn(config, num_classes)
     body = build_dense_backbone(config, backbone_out_indices(method))
     C = d.FPN_CHANNELS
     extra = LastLevelMaxPool() if method in TWO_STAGE else LastLevelP6P7(C, C)

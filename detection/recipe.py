@@ -16,10 +16,11 @@ from torch.utils.data import Sampler
 NO_DECAY_KEYS = ('absolute_pos_embed', 'relative_position_bias_table', 'norm')
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> List[dict]:
-    """[decayed, not decayed] parameter groups as the official configs form them."""
+def decay_groups(model: nn.Module, weight_decay: float, spare: bool = True) -> List[dict]:
+    """[decayed, not decayed] parameter groups as the official configs form them (``spare=False``:
+    every parameter decayed, as the Sparse R-CNN config, which has no parameter-wise rule)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    spared = [p for n, p in named if any(k in n for k in NO_DECAY_KEYS)]
+    spared = [p for n, p in named if spare and any(k in n for k in NO_DECAY_KEYS)]
     spared_ids = {id(p) for p in spared}
     return [{'params': [p for _, p in named if id(p) not in spared_ids], 'weight_decay': weight_decay},
             {'params': spared, 'weight_decay': 0.0}]

@@ -74,8 +74,8 @@ def check_detection_config(config):
     if steps != sorted(steps) or any(not 0 < s < config.TRAIN.EPOCHS for s in steps):
         raise UserError(f'DETECTION.LR_STEPS must be increasing epochs between 1 and TRAIN.EPOCHS - 1 '
                         f'({config.TRAIN.EPOCHS - 1}); got {steps}')
-    if d.DECAY_GROUPS not in ('official', 'classification'):
-        raise UserError(f'DETECTION.DECAY_GROUPS must be official or classification; got {d.DECAY_GROUPS!r}')
+    if d.DECAY_GROUPS not in ('official', 'classification', 'all'):
+        raise UserError(f'DETECTION.DECAY_GROUPS must be official, classification or all; got {d.DECAY_GROUPS!r}')
     if config.TRAIN.EMA.ENABLED:
         raise UserError('TRAIN.EMA.ENABLED: python -m detection keeps no weight EMA; set it False')
     if d.METHOD == 'fcos' and d.FPN_CHANNELS % 32:
@@ -189,7 +189,9 @@ def train(config, loaders, model, device, autocast, dtype, out) -> int:
         match_grad_layout(body, lambda m: sum(o.float().sum() for o in m(
             torch.zeros(2, 3, 64, 64, device=device))).backward())
     updates = math.ceil(loaders.steps_per_epoch / max(1, config.TRAIN.ACCUMULATION_STEPS))
-    groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY) if config.DETECTION.DECAY_GROUPS == 'official' else None
+    groups = None
+    if config.DETECTION.DECAY_GROUPS in ('official', 'all'):
+        groups = decay_groups(model, config.TRAIN.WEIGHT_DECAY, spare=config.DETECTION.DECAY_GROUPS == 'official')
     optimizer, scheduler, scaler = build_optimization(config, model, device, dtype, lambda opt, scale: (
         build_detection_scheduler(config, opt, updates, scale)), groups=groups)
 

@@ -1,6 +1,6 @@
 """Segment image files, folders and glob patterns with a trained or released UPerNet, and draw it.
 
-    python -m segmentation.predict --checkpoint output/upernet_shapes/default/ckpt_iter_60.pth \
+    python -m segmentation.predict --checkpoint output/upernet_shapes/default/ckpt_iter_200.pth \
         photos/ 'more/*.jpg' --output-dir segmented
     python -m segmentation.predict --cfg configs/segmentation/upernet_focalnet_tiny_srf_160k.yaml \
         --checkpoint upernet_focalnet_tiny_srf.pth photos/ --output-dir segmented

@@ -1,5 +1,6 @@
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,10 +82,8 @@ def photo_folder(tmp_path_factory):
 def one_thread():
     """torch on one thread, as in a loader worker: per-image transforms are tiny tensor operations,
     which a thread pool only slows down (badly so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 # The mmdetection / mmsegmentation fixtures were generated with torch on 2 threads (the 2-core machine's
@@ -93,9 +92,18 @@ def one_thread():
 FIXTURE_THREADS = 2
 
 
+@contextmanager
+def torch_threads(count: int):
+    """torch on ``count`` threads inside the block; the caller's count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fixture_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(FIXTURE_THREADS)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(FIXTURE_THREADS):
+        yield

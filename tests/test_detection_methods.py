@@ -11,7 +11,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from conftest import ROOT
+from conftest import ROOT, torch_threads
 from test_detection import detection, make_split, records
 
 from config import load_config
@@ -42,7 +42,9 @@ def load_fixture(method: str) -> dict:
 # Per method, what else its fixture narrowed; the samplers take every candidate (as the generator's).
 METHOD_OPTS = {'atss': [],
                'cascade_mask_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.BOX_HEAD_DIM', '32',
-                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000']}
+                                     'DETECTION.RPN_BATCH_SIZE', '1000000', 'DETECTION.ROI_BATCH_SIZE', '100000'],
+               'sparse_rcnn': ['DETECTION.FPN_CHANNELS', '16', 'DETECTION.SPARSE.FFN_CHANNELS', '64',
+                               'DETECTION.SPARSE.DYNAMIC_CHANNELS', '8']}
 
 
 def fixture_model(method: str, fixture: dict):
@@ -201,6 +203,107 @@ def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
     assert all(p.grad is not None for p in model.parameters())
 
 
+# ---------------------------------------------------------------------------------- Sparse R-CNN
+
+# The thread count the Sparse R-CNN fixture was made with (tests/mmref/make_mmdet_fixtures_detmore.py
+# THREADS), set inside the module's pin (conftest.fixture_threads) and undone after the test.
+SPARSE_THREADS = 1
+
+
+@pytest.fixture
+def sparse_threads():
+    with torch_threads(SPARSE_THREADS):
+        yield
+
+
+def match_detections(ours: dict, theirs: dict):
+    """Every detection of ours is one of mmdetection's (same label, box within 1e-3 px, score within
+    1e-5) and the other way round. mmdetection's top-k is unsorted, ours sorted by score: the sets
+    are compared."""
+    assert len(ours['boxes']) == len(theirs['boxes']) == 300
+    unused = torch.ones(len(theirs['boxes']), dtype=torch.bool)
+    for box, score, label in zip(ours['boxes'], ours['scores'], ours['labels'] - 1):
+        same = (unused & (theirs['labels'] == label) & ((theirs['boxes'] - box).abs().max(1)[0] < 1e-3)
+                & ((theirs['scores'] - score).abs() < 1e-5))
+        assert same.any(), (box, score, label)
+        unused[same.nonzero()[0, 0]] = False
+    assert not unused.any()
+
+
+def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(sparse_threads):
+    """The official Sparse R-CNN config (300 proposals, six stages) with random weights, saved by
+    mmdetection and loaded here strictly: the same 300 detections on each photograph."""
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture).eval()
+    for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
+        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+        with torch.no_grad():
+            ours = model.predict_batch(batch)[0]
+        assert torch.equal(ours['scores'], ours['scores'].sort(descending=True)[0])
+        match_detections(ours, theirs)
+
+
+def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(sparse_threads):
+    """Both photographs as one batch with fixed boxes: at every stage the Hungarian matching gives
+    each proposal the box mmdetection gives it, and the focal, L1 and GIoU losses are mmdetection's."""
+    from detection.sparse_rcnn import hungarian_match
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture).train()
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']))
+    matches = []
+
+    def recording(*args, **kwargs):
+        rows, cols = hungarian_match(*args, **kwargs)
+        gt_inds = torch.zeros(len(args[0]), dtype=torch.long)
+        gt_inds[rows] = cols + 1
+        matches.append(gt_inds)
+        return rows, cols
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr('detection.sparse_rcnn.hungarian_match', recording)
+        losses = model.loss_batch(batch)
+    assert torch.equal(torch.stack(matches).view(6, 2, -1), t['assignment'].long())
+    # mmdetection's s{i}.loss_{cls,bbox,iou} are our loss_s{i}_{cls,bbox,iou}; its accuracies are not losses.
+    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
+    assert set(losses) == set(expected) and len(expected) == 18
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_released_sparse_rcnn_loads_strictly_or_names_what_does_not_fit():
+    fixture = load_fixture('sparse_rcnn')
+    model = fixture_model('sparse_rcnn', fixture)
+    state = dict(fixture['checkpoint']['state_dict'])
+    state.pop('rpn_head.init_proposal_features.weight')
+    state['roi_head.bbox_head.6.fc_cls.weight'] = torch.zeros(80, 16)
+    with pytest.raises(CheckpointError) as e:
+        load_released(model, state, model.released_keys, 'sparse.pth')
+    message = str(e.value)
+    assert '\n' not in message
+    for part in ('1 missing from the file: rpn_head.init_proposal_features.weight',
+                 '1 unexpected in the file: roi_head.bbox_head.6.fc_cls.weight'):
+        assert part in message, message
+
+
+def test_eval_of_a_released_sparse_rcnn_checkpoint(coco_root, tmp_path):
+    """`--eval --pretrained <released file>` evaluates the whole released Sparse R-CNN (its six class
+    layers cut to the synthetic set's 3 classes), with the config's 300 detections per image."""
+    fixture = load_fixture('sparse_rcnn')
+    state = {k: v[:3] if '.fc_cls.' in k else v for k, v in fixture['checkpoint']['state_dict'].items()}
+    torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'sparse_3.pth')
+    cfg = 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(tmp_path), '--eval',
+               '--pretrained', str(tmp_path / 'sparse_3.pth'), '--opts', *FIXTURE_OPTS, *METHOD_OPTS['sparse_rcnn']])
+    run = tmp_path / 'sparse_rcnn_focalnet_tiny_srf_3x' / 'default'
+    record = records(run)[-1]
+    assert record['mode'] == 'eval' and record['images'] == 24 and 'bbox_ap' in record
+    assert f'loaded the whole released detector ({len(state)} tensors)' in (run / 'log_rank0.txt').read_text()
+
+
 # ---------------------------------------------------------------------------------- learning
 
 @pytest.fixture(scope='module')
@@ -275,6 +378,34 @@ def test_shrunk_cascade_mask_rcnn_learns_from_scratch(coco_root, tmp_path):
     assert last['bbox_ap'] > CASCADE_MIN_AP and last['segm_ap'] > CASCADE_MIN_AP, last
 
 
+# Sparse R-CNN shrunk further: 30 proposals (the images hold 1-3 objects), three stages, narrow FFN
+# and dynamic convolution, the rate of the other tests scaled up for the slower set-prediction
+# training; 40 epochs of 16 steps (about 2 minutes on one core).
+SPARSE_SHRINK = ['DETECTION.SPARSE.NUM_PROPOSALS', '30', 'DETECTION.SPARSE.NUM_STAGES', '3',
+                 'DETECTION.SPARSE.FFN_CHANNELS', '64', 'DETECTION.SPARSE.DYNAMIC_CHANNELS', '8',
+                 'DETECTION.DETECTIONS_PER_IMAGE', '30', 'TRAIN.BASE_LR', '1e-3']
+SPARSE_MIN_AP = 25  # box AP 50.9 (AP50 76.9) when written; chance (chance_ap) is 0.1
+
+
+def test_shrunk_sparse_rcnn_learns_from_scratch(coco_root, tmp_path):
+    """From random weights, Hungarian-matched learned proposals: box AP far above chance; `--eval
+    --resume` of the last checkpoint reproduces the logged AP."""
+    out = tmp_path / 'run'
+    cfg = 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--batch-size', '4',
+               '--opts', *SHRINK, *SPARSE_SHRINK, 'TRAIN.EPOCHS', '40', 'DETECTION.LR_STEPS', '[34]',
+               'DETECTION.EVAL_FREQ', '40'])
+    run = out / 'sparse_rcnn_focalnet_tiny_srf_3x' / 'default'
+    history = records(run)
+    last = history[-1]
+    assert last['epoch'] == 39 and last['train_loss'] < history[0]['train_loss'] / 2
+    assert {'loss_s0_cls', 'loss_s1_bbox', 'loss_s2_iou'} <= set(last)
+    assert last['bbox_ap'] > SPARSE_MIN_AP and last['bbox_ap50'] > 2 * SPARSE_MIN_AP, last
+    detection(['--cfg', cfg, '--data-path', str(coco_root), '--output', str(out), '--eval',
+               '--resume', str(run / 'ckpt_epoch_39.pth'), '--opts', *SHRINK, *SPARSE_SHRINK])
+    assert records(run)[-1]['bbox_ap'] == pytest.approx(last['bbox_ap'], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------- configs and cost
 
 @pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn'])
@@ -291,11 +422,39 @@ def test_configs_hold_the_official_recipes(method):
                 c.DETECTION.MAX_SIZE) == (0.05, 100, 800, 1333)
 
 
+def test_sparse_rcnn_configs_hold_the_official_recipe():
+    for rf, levels in (('srf', 2), ('lrf', 3)):
+        c = load_config(str(ROOT / f'configs/detection/sparse_rcnn_focalnet_tiny_{rf}_3x.yaml'))
+        assert c.DETECTION.METHOD == 'sparse_rcnn' and c.MODEL.NAME == f'sparse_rcnn_focalnet_tiny_{rf}_3x'
+        assert (c.MODEL.FOCAL.EMBED_DIM, list(c.MODEL.FOCAL.DEPTHS)) == (96, [2, 2, 6, 2])
+        assert list(c.MODEL.FOCAL.FOCAL_LEVELS) == [levels] * 4
+        assert list(c.MODEL.FOCAL.FOCAL_WINDOWS) == [11, 9, 9, 7] and c.MODEL.DROP_PATH_RATE == 0.3
+        assert (c.TRAIN.EPOCHS, list(c.DETECTION.LR_STEPS), c.TRAIN.BASE_LR, c.TRAIN.WEIGHT_DECAY) == (
+            36, [27, 33], 2.5e-5, 1e-4)
+        assert (c.TRAIN.CLIP_GRAD, c.DETECTION.DECAY_GROUPS, c.TRAIN.BASE_BATCH_SIZE) == (1.0, 'all', 16)
+        assert (c.DETECTION.SPARSE.NUM_PROPOSALS, c.DETECTION.SPARSE.NUM_STAGES, c.DETECTION.DETECTIONS_PER_IMAGE,
+                c.DETECTION.MIN_SIZE_TEST, c.DETECTION.MAX_SIZE) == (300, 6, 300, 800, 1333)
+        assert list(c.DETECTION.CROP_RESIZE) == [400, 500, 600] and list(c.DETECTION.CROP_SIZE) == [384, 600]
+
+
+def test_decay_groups_all_decays_every_parameter():
+    """DETECTION.DECAY_GROUPS all (the Sparse R-CNN recipe) spares nothing; official spares norms."""
+    from detection.recipe import decay_groups
+    config = load_config(str(ROOT / 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'),
+                         FIXTURE_OPTS + METHOD_OPTS['sparse_rcnn'])
+    model = build_detector(config, 3)
+    decayed, spared = decay_groups(model, 1e-4, spare=False)
+    assert len(decayed['params']) == len(list(model.parameters())) and not spared['params']
+    decayed, spared = decay_groups(model, 1e-4)
+    assert len(spared['params']) > 0 and spared['weight_decay'] == 0.0
+
+
 def test_cost_rows_match_the_paper(tmp_path):
     from tools import benchmark
     assert benchmark.main(['--table', 'detection', '--json', str(tmp_path / 'rows.json')]) == 0
     rows = {r['config']: r for r in json.loads((tmp_path / 'rows.json').read_text())}
-    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x'):
+    for name in ('atss_focalnet_tiny_lrf_3x', 'cascade_mask_rcnn_focalnet_tiny_lrf_3x',
+                 'sparse_rcnn_focalnet_tiny_lrf_3x'):
         r = rows[name]
         assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005), name
         assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02), name

@@ -1,15 +1,17 @@
-"""Fixtures for the ATSS (and further) detector tests, made by mmdetection itself.
+"""Fixtures for the ATSS, Cascade Mask R-CNN and Sparse R-CNN tests, made by mmdetection itself.
 
 Run in the reference environment (requirements-mmref.txt), from the repository root:
 
-    python tests/mmref/make_mmdet_fixtures_detmore.py atss
+    python tests/mmref/make_mmdet_fixtures_detmore.py atss cascade_mask_rcnn sparse_rcnn
 
 For each method: the official config (the FocalNet repository's, in mmdetection 3.x's form) at small
 widths, with random weights (every tensor perturbed off its initial value), saved as a released
 checkpoint; mmdetection's own test pipeline (its resize) and ``test_step`` on two real photographs
 (scikit-learn's sample images: one that the test scale resizes, one already at it); and the losses of
-one training step on both images as one batch, with fixed boxes. Written to
-tests/fixtures/mmdet/<method>.pt with the versions that made it.
+one training step on both images as one batch, with fixed boxes (with ATSS's assignment of every
+anchor, and Sparse R-CNN's Hungarian match of every proposal at every stage). Torch runs on THREADS[method]
+threads, as the tests compare. Written to tests/fixtures/mmdet/<method>.pt with the versions that
+made it.
 """
 import argparse
 import copy
@@ -141,6 +143,50 @@ def cascade_mask_rcnn_config(num_classes=80):
                       mask_thr_binary=0.5)))
 
 
+# The Sparse R-CNN fixture's narrowed head: 16 channels (8 heads of 2), FFN 64, dynamic conv 8.
+SPARSE_WIDTHS = dict(channels=16, ffn=64, dynamic=8, proposals=300)
+
+
+def sparse_rcnn_config(num_classes=80):
+    """The official Sparse R-CNN config (300 proposals, six DIIHead stages, Hungarian matching) at the
+    widths SPARSE_WIDTHS; test: the best 300 (proposal, class) scores."""
+    w = SPARSE_WIDTHS
+    stage = dict(
+        type='DIIHead', num_classes=num_classes, num_ffn_fcs=2, num_heads=8, num_cls_fcs=1, num_reg_fcs=3,
+        feedforward_channels=w['ffn'], in_channels=w['channels'], dropout=0.0,
+        ffn_act_cfg=dict(type='ReLU', inplace=True),
+        dynamic_conv_cfg=dict(type='DynamicConv', in_channels=w['channels'], feat_channels=w['dynamic'],
+                              out_channels=w['channels'], input_feat_shape=7,
+                              act_cfg=dict(type='ReLU', inplace=True), norm_cfg=dict(type='LN')),
+        loss_bbox=dict(type='L1Loss', loss_weight=5.0),
+        loss_iou=dict(type='GIoULoss', loss_weight=2.0),
+        loss_cls=dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0),
+        bbox_coder=dict(type='DeltaXYWHBBoxCoder', clip_border=False, target_means=[0., 0., 0., 0.],
+                        target_stds=[0.5, 0.5, 1., 1.]))
+    assigner = dict(type='HungarianAssigner', match_costs=[
+        dict(type='FocalLossCost', weight=2.0), dict(type='BBoxL1Cost', weight=5.0, box_format='xyxy'),
+        dict(type='IoUCost', iou_mode='giou', weight=2.0)])
+    return dict(
+        type='SparseRCNN',
+        data_preprocessor=dict(type='DetDataPreprocessor', mean=MEAN, std=STD, bgr_to_rgb=True,
+                               pad_size_divisor=32),
+        backbone=dict(BACKBONE, out_indices=(0, 1, 2, 3)),
+        neck=dict(type='FPN', in_channels=[8, 16, 32, 64], out_channels=w['channels'], start_level=0,
+                  add_extra_convs='on_input', num_outs=4),
+        rpn_head=dict(type='EmbeddingRPNHead', num_proposals=w['proposals'],
+                      proposal_feature_channel=w['channels']),
+        roi_head=dict(
+            type='SparseRoIHead', num_stages=6, stage_loss_weights=[1] * 6,
+            proposal_feature_channel=w['channels'],
+            bbox_roi_extractor=dict(type='SingleRoIExtractor',
+                                    roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=2),
+                                    out_channels=w['channels'], featmap_strides=[4, 8, 16, 32]),
+            bbox_head=[copy.deepcopy(stage) for _ in range(6)]),
+        train_cfg=dict(rpn=None, rcnn=[dict(assigner=copy.deepcopy(assigner), sampler=dict(type='PseudoSampler'),
+                                            pos_weight=1) for _ in range(6)]),
+        test_cfg=dict(rpn=None, rcnn=dict(max_per_img=w['proposals'])))
+
+
 def gt_masks(boxes, shape):
     """An ellipse inscribed in each box: (N, H, W) uint8."""
     H, W = shape
@@ -161,6 +207,11 @@ def perturb(model, generator):
                 p.copy_(torch.empty(p.shape).uniform_(-4.0, -1.5, generator=generator))
             if name.endswith('fc_cls.weight'):
                 p.mul_(3.0)  # spread the class scores, so that detections pass 0.05
+            if name.endswith('init_proposal_bboxes.weight'):
+                # Proposals spread over the image (centres 0.2-0.8, sides 0.1-0.6 of it) rather than
+                # all covering the whole image, as the initial ones do.
+                p[:, :2].uniform_(0.2, 0.8, generator=generator)
+                p[:, 2:].uniform_(0.1, 0.6, generator=generator)
         for name, b in model.named_buffers():
             # Running statistics of norms; the preprocessor's mean and std stay the official ones.
             if b.dtype.is_floating_point and not name.startswith('data_preprocessor.'):
@@ -222,10 +273,14 @@ def run_method(name, config):
     data = model.data_preprocessor(dict(inputs=[im.permute(2, 0, 1).flip(0).contiguous() for im in images],
                                         data_samples=samples), True)
     torch.manual_seed(0)
+    if name == 'sparse_rcnn':
+        record_matches(model, name)
     losses = model.loss(data['inputs'], data['data_samples'])
     losses = {k: float(sum(v) if isinstance(v, (list, tuple)) else v) for k, v in losses.items()}
     print(f'{name}: losses {losses}')
     assignment = ASSIGNMENTS[name](model, data) if name in ASSIGNMENTS else None
+    if name in RECORDED_ASSIGNMENTS:
+        assignment = torch.stack([torch.stack(stage) for stage in RECORDED_ASSIGNMENTS[name]]).to(torch.int16)
     train_metas = [{k: tuple(s.metainfo[k]) for k in ('img_shape', 'pad_shape', 'batch_input_shape')}
                    for s in data['data_samples']]
     fixture = {
@@ -259,16 +314,39 @@ def atss_assignment(model, data):
     return torch.cat(targets[1], dim=1).to(torch.int16)
 
 
-METHODS = {'atss': atss_config, 'cascade_mask_rcnn': cascade_mask_rcnn_config}
+RECORDED_ASSIGNMENTS = {}
+
+
+def record_matches(model, name):
+    """Keep, per stage and image, the box (1-based; 0 for none) that the Hungarian assigner gives each
+    proposal: (stages, images, proposals) int16 in RECORDED_ASSIGNMENTS[name]."""
+    stages = []
+    for assigner in model.roi_head.bbox_assigner:
+        stages.append([])
+
+        def assign(*args, _inner=assigner.assign, _out=stages[-1], **kwargs):
+            result = _inner(*args, **kwargs)
+            _out.append(result.gt_inds.clone())
+            return result
+        assigner.assign = assign
+    RECORDED_ASSIGNMENTS[name] = stages
+
+
+METHODS = {'atss': atss_config, 'cascade_mask_rcnn': cascade_mask_rcnn_config, 'sparse_rcnn': sparse_rcnn_config}
 ASSIGNMENTS = {'atss': atss_assignment}
+# The thread count each fixture is made with (and its tests compare at): the order of a few float
+# sums in mmdetection's and our kernels depends on it. ATSS and Cascade were made on 2 threads
+# (tests/conftest.py FIXTURE_THREADS); Sparse R-CNN, whose six box refinements amplify rounding in
+# random-weight models, on 1.
+THREADS = {'atss': 2, 'cascade_mask_rcnn': 2, 'sparse_rcnn': 1}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('methods', nargs='+', choices=sorted(METHODS))
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)  # the count the tests compare on (tests/conftest.py FIXTURE_THREADS)
     for name in args.methods:
+        torch.set_num_threads(THREADS[name])
         run_method(name, METHODS[name]())
 
 
