@@ -45,9 +45,14 @@ _C.DATA.SKIP_CORRUPT = False
 # Training images of the 'fake' data set (its validation set is a quarter of this).
 _C.DATA.FAKE_SIZE = 1024
 # Training images take the fast input path (data/fast_transform.py): the release recipe's random
-# draws, with a cheaper decode and resize, and normalisation and erasing on the training device.
+# draws, with a cheaper decode and resize, and normalisation and erasing on the training device (on
+# a GPU, the flip and RandAugment's ops too, with Pillow's pixels: data/device_augment.py).
 # False: timm's transform, as the releases ran it. Evaluation is the same either way.
 _C.DATA.FAST_PIPELINE = True
+# With FAST_PIPELINE, on a GPU: plain JPEGs are decoded there, in batches, with nvJPEG
+# (torchvision.io.decode_jpeg(device='cuda')), when no op in the loader worker needs their pixels;
+# the workers then only read headers and draw. Off by default (docs/classification.md).
+_C.DATA.GPU_DECODE = False
 
 # ---------------------------------------------------------------------------------------------------
 # Model

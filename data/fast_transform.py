@@ -16,7 +16,10 @@ instead and:
     * anything else (PNG, greyscale, CMYK, EXIF-rotated, 16-bit, ...): exactly as the reference
       path does (data.robust.decode_image, then Pillow's crop and resize), so these images come
       out identical to it;
-- applies the reference's own flip and RandAugment objects to the 8-bit image;
+- applies the reference's own flip and RandAugment objects to the 8-bit image; when training on a
+  GPU, the flip and RandAugment's ops are only drawn in the worker and applied on the device, as
+  Pillow computes them (data.device_augment), and with DATA.GPU_DECODE plain JPEGs are decoded
+  there too;
 - returns the 8-bit image and the random-erasing boxes drawn for it (:class:`RawImage`), not a
   normalised float tensor. The batch (:class:`RawBatch`, four times smaller) is normalised and
   erased in ``RawBatch.to(device)``, on the training device, as timm's prefetcher does.
@@ -31,18 +34,20 @@ import io
 import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
+from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation, ToNumpy
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from .device_augment import DeviceOp, Staged, StagedFlip, StagedRandAugment, apply_to_batch
 from .images import _orientation
 from .robust import CorruptImageError, decode_image
 
@@ -82,24 +87,34 @@ class Finish:
 @dataclass
 class RawImage:
     """An augmented 8-bit image (H x W x 3, uint8), its erasures (None: not erased) and what is left
-    to do to it."""
-    pixels: torch.Tensor
+    to do to it: RandAugment ops left for the device (data.device_augment), normalisation, erasing."""
+    pixels: Optional[torch.Tensor]  # None: ``encoded`` is decoded on the device
     erasures: Optional[Erasures]
     finish: Finish
+    ops: List[DeviceOp] = field(default_factory=list)
+    encoded: Optional['EncodedJpeg'] = None
 
 
 class RawBatch:
     """A collated batch of :class:`RawImage`; ``.to(device)`` finishes it there (a float tensor,
     N x 3 x H x W, normalised and erased exactly as the reference's ToTensor, Normalize and
-    RandomErasing do). Behaves like the tensor the training loop expected from the loader."""
+    RandomErasing do, after the RandAugment ops the worker left). Behaves like the tensor the
+    training loop expected from the loader."""
 
-    def __init__(self, pixels: torch.Tensor, erasures: Sequence[Optional[Erasures]], finish: Finish):
+    def __init__(self, pixels: torch.Tensor, erasures: Sequence[Optional[Erasures]], finish: Finish,
+                 ops: Optional[Sequence[List[DeviceOp]]] = None,
+                 encoded: Optional[Sequence[Optional['EncodedJpeg']]] = None):
         self.pixels, self.erasures, self.finish = pixels, list(erasures), finish
+        self.ops = list(ops) if ops is not None else [[] for _ in range(len(pixels))]
+        self.encoded = list(encoded) if encoded is not None else [None] * len(pixels)
 
     @classmethod
     def collate(cls, images: Sequence[RawImage]) -> 'RawBatch':
-        return cls(torch.stack([img.pixels for img in images]), [img.erasures for img in images],
-                   images[0].finish)
+        # Files left for the device to decode hold a place (zeros) in the batch.
+        pixels = [img.pixels if img.pixels is not None else torch.zeros(img.encoded.size + (3,), dtype=torch.uint8)
+                  for img in images]
+        return cls(torch.stack(pixels), [img.erasures for img in images], images[0].finish,
+                   [img.ops for img in images], [img.encoded for img in images])
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -110,11 +125,19 @@ class RawBatch:
         return torch.Size((n, c, h, w))
 
     def pin_memory(self) -> 'RawBatch':  # called by the DataLoader's pinning thread
-        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish)
+        encoded = [e if e is None else e.pin_memory() for e in self.encoded]
+        return RawBatch(self.pixels.pin_memory(), self.erasures, self.finish, self.ops, encoded)
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
         device = torch.device(device)
-        pixels = self.pixels.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2).contiguous()
+        pixels = self.pixels.to(device, non_blocking=non_blocking)
+        if any(self.ops) or any(e is not None for e in self.encoded):
+            pixels = pixels.clone() if pixels.data_ptr() == self.pixels.data_ptr() else pixels
+            todo = [i for i, e in enumerate(self.encoded) if e is not None]
+            for i, image in zip(todo, decode_on_device([self.encoded[i] for i in todo], device)):
+                pixels[i] = image
+            apply_to_batch(pixels, self.ops)
+        pixels = pixels.permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
         mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(self.finish.std, device=device).view(1, -1, 1, 1)
@@ -178,8 +201,22 @@ class FastTrainTransform:
     takes_encoded = True  # data.robust.SkipCorruptMixin hands it the file's bytes
 
     def __init__(self, crop: RandomResizedCropAndInterpolation, pil_steps: Sequence, finish: Finish,
-                 erasing: Optional[RandomErasing], use_decode_jpeg: bool = True, use_draft: bool = True):
-        self.crop, self.pil_steps, self.finish, self.erasing = crop, list(pil_steps), finish, erasing
+                 erasing: Optional[RandomErasing], use_decode_jpeg: bool = True, use_draft: bool = True,
+                 device_augment: bool = False, gpu_decode: bool = False):
+        self.crop, self.finish, self.erasing = crop, finish, erasing
+        self.pil_steps = list(pil_steps)
+        # RandAugment last: its ops can wait for the device (a copy of it does).
+        if (device_augment or gpu_decode) and self.pil_steps and isinstance(self.pil_steps[-1], RandAugment):
+            self.pil_steps[-1] = StagedRandAugment(self.pil_steps[-1])
+        # When every step can wait for the device (the flip and RandAugment, as in the release recipe),
+        # the flip waits too and the image stays a tensor unless an op in the worker needs a PIL image;
+        # decoding on the device needs that as well (with any other step the worker decodes).
+        staged = [StagedFlip(s.p) if isinstance(s, T.RandomHorizontalFlip) else s for s in self.pil_steps]
+        self.all_staged = (device_augment or gpu_decode) and \
+            all(isinstance(s, (StagedFlip, StagedRandAugment)) for s in staged)
+        if self.all_staged:
+            self.pil_steps = staged
+        self.gpu_decode = gpu_decode and self.all_staged
         self.use_decode_jpeg = use_decode_jpeg and decode_jpeg is not None
         self.use_draft = use_draft
 
@@ -187,10 +224,20 @@ class FastTrainTransform:
         img = self._crop_resize(data, where)
         for step in self.pil_steps:  # the reference's flip and RandAugment objects
             img = step(img)
-        pixels = torch.from_numpy(np.array(img))  # H x W x 3, writable
-        out_h, out_w = pixels.shape[:2]
+        ops = []
+        if isinstance(img, Staged):
+            img, ops = img.image, [op for op, _ in img.pending]
+        encoded = None
+        if isinstance(img, EncodedJpeg):  # nothing in the worker needed its pixels
+            encoded, pixels, (out_w, out_h) = img, None, img.size[::-1]
+        elif isinstance(img, DecodedPixels):  # nor a PIL image
+            pixels = img.pixels
+            out_h, out_w = pixels.shape[:2]
+        else:
+            pixels = torch.from_numpy(np.array(img))  # H x W x 3, writable
+            out_h, out_w = pixels.shape[:2]
         erasures = draw_erasures(self.erasing, 3, out_h, out_w) if self.erasing is not None else None
-        return RawImage(pixels, erasures, self.finish)
+        return RawImage(pixels, erasures, self.finish, ops, encoded)
 
     def _crop_resize(self, data: bytes, where: str) -> Image.Image:
         header = _open_header(data, where)
@@ -210,7 +257,14 @@ class FastTrainTransform:
             return _draft_crop_resize(header, (left, top, crop_w, crop_h), reduction, (out_w, out_h),
                                       interpolation, where)
         if plain_jpeg and self.use_decode_jpeg and interpolation in _TORCH_FILTERS:
-            return _torch_crop_resize(data, (left, top, crop_w, crop_h), (out_h, out_w), interpolation, where)
+            encoded = EncodedJpeg(_byte_tensor(data), (left, top, crop_w, crop_h), (out_h, out_w), interpolation, where)
+            # With DATA.GPU_DECODE the device decodes it, unless an op in the worker needs its pixels.
+            if self.gpu_decode:
+                return encoded
+            if not self.all_staged:
+                return encoded.decode()
+            pixels = encoded.decode_pixels()
+            return DecodedPixels(pixels) if isinstance(pixels, torch.Tensor) else pixels
         # The reference path itself (timm's crop calls this function).
         img = decode_image(io.BytesIO(data), where)
         return TF.resized_crop(img, top, left, crop_h, crop_w, [out_h, out_w], interpolation)
@@ -254,29 +308,113 @@ def _draft_crop_resize(header: Image.Image, box, reduction: int, size, interpola
     return region.resize(size, TF.pil_modes_mapping[interpolation], box=(x0 - cx0, y0 - cy0, x1 - cx0, y1 - cy0))
 
 
-def _torch_crop_resize(data: bytes, box, size, interpolation, where) -> Image.Image:
-    left, top, crop_w, crop_h = box
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to torchcodec
-            pixels = decode_jpeg(encoded)
-    except RuntimeError as e:  # libjpeg's error, e.g. a truncated file
-        raise CorruptImageError(where, str(e).rsplit(', ', 1)[-1]) from None
-    if pixels.shape[0] != 3:  # not what the header said; let Pillow decide
-        img = decode_image(io.BytesIO(data), where)
-        return TF.resized_crop(img, top, left, crop_h, crop_w, list(size), interpolation)
-    # decode_jpeg's C x H x W tensor is a view of H x W x C pixels; the crop, made contiguous in that
-    # layout (channels last), takes torch's vectorised uint8 resize (several times its planar one).
-    crop = pixels[None, :, top:top + crop_h, left:left + crop_w].contiguous(memory_format=torch.channels_last)
-    resized = F.interpolate(crop, size=list(size), mode=interpolation.value, antialias=True)
-    return Image.fromarray(resized[0].permute(1, 2, 0).numpy())
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def fast_train_transform(reference: T.Compose) -> Optional[FastTrainTransform]:
+@dataclass
+class EncodedJpeg:
+    """A plain 8-bit colour JPEG file (its bytes) and the crop to resize from it: decoded in the
+    worker (``decode``) or, with DATA.GPU_DECODE, on the device (:func:`decode_on_device`). Stands in
+    for the PIL image in data.device_augment.Staged until then."""
+    data: torch.Tensor
+    box: Tuple[int, int, int, int]  # left, top, width, height
+    out: Tuple[int, int]  # height, width
+    interpolation: T.InterpolationMode
+    where: str
+    mode = 'RGB'
+
+    @property
+    def size(self) -> Tuple[int, int]:  # (width, height) of the resized crop, as a PIL image's
+        return self.out[1], self.out[0]
+
+    def pin_memory(self) -> 'EncodedJpeg':
+        return EncodedJpeg(self.data.pin_memory(), self.box, self.out, self.interpolation, self.where)
+
+    def decode(self) -> Image.Image:
+        """Decoded with libjpeg-turbo (torchvision) here, the crop resized with torch."""
+        pixels = self.decode_pixels()
+        return pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels.numpy())
+
+    def decode_pixels(self):
+        """As ``decode``, as an H x W x 3 uint8 tensor (a PIL image if the file was not what its
+        header said)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to torchcodec
+                pixels = decode_jpeg(self.data)
+        except RuntimeError as e:  # libjpeg's error, e.g. a truncated file
+            raise CorruptImageError(self.where, str(e).rsplit(', ', 1)[-1]) from None
+        if pixels.shape[0] != 3:  # not what the header said; let Pillow decide
+            left, top, w, h = self.box
+            img = decode_image(io.BytesIO(self.data.numpy().tobytes()), self.where)
+            return TF.resized_crop(img, top, left, h, w, list(self.out), self.interpolation)
+        return self.crop_resize(pixels)
+
+    def crop_resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The crop of the decoded C x H x W image, resized: H x W x C uint8, on its device."""
+        left, top, w, h = self.box
+        crop = pixels[None, :, top:top + h, left:left + w]
+        if crop.device.type == 'cpu':
+            # decode_jpeg's C x H x W tensor is a view of H x W x C pixels; the crop, made contiguous
+            # in that layout (channels last), takes torch's vectorised uint8 resize (several times
+            # its planar one).
+            crop = crop.contiguous(memory_format=torch.channels_last)
+            resized = F.interpolate(crop, size=list(self.out), mode=self.interpolation.value, antialias=True)
+        else:  # the antialiased resize takes floats there; rounded as the uint8 one rounds
+            resized = F.interpolate(crop.float(), size=list(self.out), mode=self.interpolation.value, antialias=True)
+            resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+        return resized[0].permute(1, 2, 0)
+
+
+class DecodedPixels:
+    """The resized crop as an H x W x 3 uint8 tensor, standing in for the PIL image in
+    data.device_augment.Staged until an op in the worker needs one (``decode``)."""
+    mode = 'RGB'
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.pixels.shape[1], self.pixels.shape[0]
+
+    def decode(self) -> Image.Image:
+        return Image.fromarray(self.pixels.numpy())
+
+
+def decode_on_device(files: Sequence[EncodedJpeg], device: torch.device) -> List[torch.Tensor]:
+    """The resized crops (H x W x 3 uint8, on ``device``) of JPEG files left for the device to decode:
+    one batched ``decode_jpeg`` call (nvJPEG on a GPU; libjpeg-turbo on the CPU, which gives exactly
+    the worker's pixels)."""
+    if not files:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        try:
+            images = decode_jpeg([f.data for f in files], device=device)
+        except RuntimeError:  # name the file: decode them one by one
+            images = []
+            for f in files:
+                try:
+                    images.append(decode_jpeg(f.data, device=device))
+                except RuntimeError as e:
+                    raise CorruptImageError(f.where, str(e).rsplit(', ', 1)[-1]) from None
+    out = []
+    for f, image in zip(files, images):
+        if image.shape[0] != 3:
+            raise CorruptImageError(f.where, f'decoded to {image.shape[0]} channels, the header said RGB')
+        out.append(f.crop_resize(image))
+    return out
+
+
+def fast_train_transform(reference: T.Compose, device_augment: bool = False,
+                         gpu_decode: bool = False) -> Optional[FastTrainTransform]:
     """The fast equivalent of timm's training transform ``reference``, or None when it is not of the
     shape handled here: random resized crop, PIL steps (flip, RandAugment, colour jitter, ...),
-    ToTensor, Normalize, then optionally RandomErasing."""
+    ToTensor, Normalize, then optionally RandomErasing. ``device_augment``: leave RandAugment's
+    ops (and the flip before it) to ``RawBatch.to(device)`` (worth it when that device is
+    a GPU). ``gpu_decode``: leave the decoding of plain JPEGs to it as well (DATA.GPU_DECODE)."""
     steps = list(reference.transforms)
     if not steps or not isinstance(steps[0], RandomResizedCropAndInterpolation):
         return None
@@ -295,4 +433,5 @@ def fast_train_transform(reference: T.Compose) -> Optional[FastTrainTransform]:
     mean = tuple(float(v) for v in torch.as_tensor(normalize.mean).flatten())
     std = tuple(float(v) for v in torch.as_tensor(normalize.std).flatten())
     finish = Finish(mean, std, erasing.mode if erasing is not None else 'const')
-    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing)
+    return FastTrainTransform(steps[0], steps[1:to_tensor], finish, erasing, device_augment=device_augment,
+                              gpu_decode=gpu_decode)

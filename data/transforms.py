@@ -1,6 +1,8 @@
 """Training and evaluation transforms (timm's ImageNet training pipeline, centre-crop evaluation)."""
 import math
+from typing import Optional
 
+import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -112,13 +114,20 @@ def _interpolation(name: str) -> T.InterpolationMode:
     return T.InterpolationMode.BILINEAR if name == 'random' else T.InterpolationMode(name)
 
 
-def build_train_transform(config):
+def build_train_transform(config, device_augment: Optional[bool] = None):
     """The training transform: data.fast_transform's when DATA.FAST_PIPELINE and the recipe has the
-    shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise."""
+    shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise.
+    ``device_augment``: leave the flip and RandAugment's ops to the training
+    device (data.device_augment); by default when a GPU is there to train on."""
     reference = build_transform(True, config)
+    if device_augment is None:
+        device_augment = torch.cuda.is_available()
+    gpu_decode = config.DATA.GPU_DECODE
+    if gpu_decode and not torch.cuda.is_available():
+        raise UserError('DATA.GPU_DECODE True needs a CUDA GPU to decode on; this machine has none')
     # The synthetic data set makes PIL images, not files.
     if config.DATA.FAST_PIPELINE and config.DATA.IMG_SIZE > SMALL_IMAGE and config.DATA.DATASET != 'fake':
-        fast = fast_train_transform(reference)
+        fast = fast_train_transform(reference, device_augment=device_augment, gpu_decode=gpu_decode)
         if fast is not None:
             return fast
     return reference

@@ -101,6 +101,9 @@ def test_pipeline_times_timm_and_ours_on_photos_and_measures_psnr(tmp_path, caps
         assert r['images_timed'] == 40  # 48 images in batches of 8, the first batch not timed
         assert r['timm_images_per_s_per_core'] > 0 and r['ours_images_per_s_per_core'] > 0
         assert r['ratio'] == r['ours_images_per_s_per_core'] / r['timm_images_per_s_per_core']
+        # The fast path as CPU training runs it (every RandAugment op in the worker), timed alongside.
+        assert r['ratio_cpu_training'] == r['ours_cpu_training_images_per_s_per_core'] / r['timm_images_per_s_per_core']
+        assert r['ratio_gpu_decode'] == r['ours_gpu_decode_images_per_s_per_core'] / r['timm_images_per_s_per_core']
         assert r['ours_cores_needed'] == 8 * 3000 / r['ours_images_per_s_per_core']
         # The same draws: identical up to resampling (tests/test_fast_transform.py bounds it).
         assert r['psnr_db']['crop_flip_erase']['min'] >= 35 and r['psnr_db']['recipe']['images'] == 48

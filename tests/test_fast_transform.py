@@ -16,6 +16,7 @@ from torchvision.transforms import functional as TF
 
 import config as cfg
 from data import build_loader, build_train_transform, build_transform
+from data import device_augment
 from data import fast_transform as fast_module
 from data.fast_transform import FastTrainTransform, RawBatch, RawImage, _reduction
 from data.robust import CorruptImageError, RobustImageFolder, decode_image
@@ -84,6 +85,14 @@ class Recorder:
             self.events.append(('flip',))
             return hflip(img)
         monkeypatch.setattr(TF, 'hflip', flip)
+        # A flip left for the device is drawn, and recorded, when the fast path stages it.
+        add = device_augment.Staged.add
+
+        def staged_add(staged, op, apply):
+            if op.name == device_augment.FLIP:
+                self.events.append(('flip',))
+            return add(staged, op, apply)
+        monkeypatch.setattr(device_augment.Staged, 'add', staged_add)
         call = auto_augment.AugmentOp.__call__
 
         def op(self_op, img):
@@ -104,13 +113,14 @@ class Recorder:
         return events
 
 
-def test_same_draws_crop_flip_ops_and_erasing_as_the_reference(monkeypatch, one_thread):
+@pytest.mark.parametrize('device_augment', [False, True], ids=['ops_in_worker', 'ops_on_device'])
+def test_same_draws_crop_flip_ops_and_erasing_as_the_reference(device_augment, monkeypatch, one_thread):
     recorder = Recorder(monkeypatch)
     ops = flips = erased = 0
     for seed in range(40):
         data = _encode(_photo(seed), quality=90)
         reference = build_transform(True, RECIPE)
-        fast = build_train_transform(RECIPE)
+        fast = build_train_transform(RECIPE, device_augment=device_augment)
         ref = _seeded(seed, lambda: reference(decode_image(io.BytesIO(data), 'x')))
         ref_events = recorder.take()
         raw = _seeded(seed, lambda: fast(data, 'x'))
@@ -210,8 +220,9 @@ def test_reduced_decode_of_crops_reaching_the_corner_of_odd_sized_images():
 def test_decoder_choice_is_dispatched_on_what_the_header_says(monkeypatch):
     """Plain 8-bit colour JPEGs go to torchvision's decoder; without it (or without its filter), Pillow."""
     calls = []
-    for name, path in (('_torch_crop_resize', 'torch'), ('_draft_crop_resize', 'draft')):
-        monkeypatch.setattr(fast_module, name, lambda *a, path=path: calls.append(path) or Image.new('RGB', (224, 224)))
+    image = Image.new('RGB', (224, 224))
+    monkeypatch.setattr(fast_module, '_draft_crop_resize', lambda *a: calls.append('draft') or image)
+    monkeypatch.setattr(fast_module.EncodedJpeg, 'decode', lambda self: calls.append('torch') or image)
     fast = build_train_transform(RECIPE)
     data = _encode(_photo(1))
     _seeded(0, lambda: fast._crop_resize(data, 'x'))

@@ -23,6 +23,10 @@ failed. The checks:
 * ``visualize``: tools/visualize.py on scikit-learn's two sample photos, on the device.
 * ``benchmark``: the commands of benchmarks/README.md (CUDA; the fused path timed with and without
   FOCALNET_FUSED=1), or their ``--quick`` forms (CPU).
+* ``pipeline``: the training input path's device side on real JPEGs: RandAugment ops left to the
+  device give the pixels Pillow gives in the loader worker; JPEGs decoded there (DATA.GPU_DECODE,
+  nvJPEG) within 35 dB PSNR of the worker's decode (identical on the CPU); the time per image of
+  finishing a batch on the device and of the worker's share.
 
 CUDA mode writes into benchmarks/ (``gpu_check_<gpu>.md``/``.json`` and the benchmark tables named as
 in benchmarks/README.md); ``--cpu`` writes into benchmarks/tmp/gpu_check_cpu/ (not tracked) unless
@@ -52,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-CHECKS = ('train', 'ddp', 'fused', 'compile', 'visualize', 'benchmark')
+CHECKS = ('train', 'ddp', 'fused', 'compile', 'visualize', 'benchmark', 'pipeline')
 
 
 class CheckFailed(Exception):
@@ -477,12 +481,86 @@ def check_benchmark(mode: dict, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# pipeline: the training input path's device side (data/device_augment.py, DATA.GPU_DECODE)
+# ---------------------------------------------------------------------------------------------------
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    from timm.data.constants import IMAGENET_DEFAULT_STD
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=a.device).view(1, 3, 1, 1) * 255
+    mse = float((((a - b) * std) ** 2).mean())
+    return float('inf') if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+def check_pipeline(mode: dict, out: Path) -> dict:
+    """Batches of real JPEGs (the bundled photos, 250-500 px) through the fast path three ways, same
+    draws: every op in the loader worker; RandAugment's trailing ops left to the device; decoding left
+    to the device as well (DATA.GPU_DECODE). The first two must give the same pixels on the device; the
+    third the same on the CPU (libjpeg-turbo both sides) and within 35 dB PSNR on a GPU (nvJPEG decodes
+    slightly differently). Times RawBatch.to(device) per image and the worker's CPU per image."""
+    import random as random_module
+    import numpy as np
+    import config as cfg
+    from data.fast_transform import RawBatch, fast_train_transform
+    from data.photos import write_photo_folder
+    from data.transforms import build_transform
+    device = mode['device']
+    count = 32 if device.type == 'cpu' else 128
+    root = write_photo_folder(out / 'pipeline_photos', count, seed=0, sizes=(250, 500))
+    files = sorted((root / 'train').rglob('*.jpg'))
+    config = cfg.load_config(None, [])
+    options = {'in_worker': {}, 'ops_on_device': {'device_augment': True}, 'decode_on_device': {'gpu_decode': True}}
+    variants = {name: fast_train_transform(build_transform(True, config), **kw) for name, kw in options.items()}
+    raws, worker_ms = {}, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    try:
+        for name, transform in variants.items():
+            start, raws[name] = time.process_time(), []
+            for seed, path in enumerate(files):
+                data = path.read_bytes()
+                random_module.seed(seed)
+                np.random.seed(seed)
+                torch.manual_seed(seed)
+                raws[name].append(transform(data, str(path)))
+            worker_ms[name] = (time.process_time() - start) * 1e3 / len(files)
+    finally:
+        torch.set_num_threads(threads)
+    batches = {name: RawBatch.collate(r) for name, r in raws.items()}
+    finished, finish_ms = {}, {}
+    for name, batch in batches.items():
+        finished[name] = batch.to(device)  # warm-up (kernels, nvJPEG handles)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(3):
+            finished[name] = batch.to(device)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        finish_ms[name] = (time.perf_counter() - start) * 1e3 / 3 / count
+    left = sum(bool(ops) for ops in batches['ops_on_device'].ops)
+    encoded = sum(e is not None for e in batches['decode_on_device'].encoded)
+    if not torch.equal(finished['in_worker'], finished['ops_on_device']):
+        raise CheckFailed(f'RandAugment ops applied on {device} differ from Pillow\'s in the worker')
+    psnr = _psnr(finished['in_worker'], finished['decode_on_device'])
+    if device.type == 'cpu' and psnr != float('inf'):
+        raise CheckFailed(f'decoding left to the CPU differs from the worker\'s ({psnr:.1f} dB)')
+    if psnr < 35:
+        raise CheckFailed(f'decoding on {device}: PSNR {psnr:.1f} dB against the worker\'s decode (bound 35)')
+    summary = (f'{count} photos: {left} with the flip or RandAugment ops left to the device, identical; '
+               f'{encoded} decoded there, PSNR {psnr:.1f} dB; RawBatch.to ms/image: ' +
+               ', '.join(f'{k} {v:.3f}' for k, v in finish_ms.items()) + '; worker CPU ms/image: ' +
+               ', '.join(f'{k} {v:.2f}' for k, v in worker_ms.items()))
+    return {'summary': summary, 'images': count, 'ops_left_to_device': left, 'decoded_on_device': encoded,
+            'psnr_decode_db': psnr, 'finish_ms_per_image': finish_ms, 'worker_cpu_ms_per_image': worker_ms}
+
+
+# ---------------------------------------------------------------------------------------------------
 # The run and the report
 # ---------------------------------------------------------------------------------------------------
 
 RUNNERS: Dict[str, Callable[[dict, Path], dict]] = {
     'train': check_train, 'ddp': check_ddp, 'fused': check_fused, 'compile': check_compile,
-    'visualize': check_visualize, 'benchmark': check_benchmark}
+    'visualize': check_visualize, 'benchmark': check_benchmark, 'pipeline': check_pipeline}
 
 
 def environment(device: torch.device) -> dict:

@@ -9,7 +9,10 @@ the main process with 0 workers), so time the CPU spends on other jobs is not co
 the wall-clock rate per worker is reported beside it. The fast path's batches leave the loader as 8-bit
 images; their normalisation and random erasing run on the training device when they are moved there
 (as timm's prefetcher does), so they are not in its loader time; their cost on this CPU is reported
-beside it.
+beside it. 'ours' is the fast path as a GPU node runs it: the flip and RandAugment's ops are also
+left to the device (data.device_augment); 'ours, CPU training' is the fast path as it runs when the
+model trains on the CPU, with every RandAugment op done in the loader; 'ours, DATA.GPU_DECODE' leaves
+the decoding of plain JPEGs to the GPU as well (the loader only reads headers and draws).
 """
 import io
 import math
@@ -27,7 +30,7 @@ from timm.data.constants import IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
 import config as cfg
-from data.fast_transform import RawBatch
+from data.fast_transform import FastTrainTransform, RawBatch, fast_train_transform
 from data.photos import write_photo_folder
 from data.robust import RobustImageFolder, collate_with_problems, decode_image
 from data.sampler import ResumableSampler, SeededSamples
@@ -101,8 +104,12 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
     else:
         root = photo_folder(images, sides)
         source = f'{images} JPEGs made from the bundled photos, sides {sides[0]}-{sides[1]} px'
-    transforms = {'timm': build_transform(True, config), 'ours': build_train_transform(config)}
-    if transforms['ours'] is transforms['timm']:
+    transforms = {'timm': build_transform(True, config),
+                  'ours': build_train_transform(config, device_augment=True),
+                  'ours_cpu_training': build_train_transform(config, device_augment=False),
+                  # DATA.GPU_DECODE (needs a GPU to train on; the loader side runs anywhere).
+                  'ours_gpu_decode': fast_train_transform(build_transform(True, config), gpu_decode=True)}
+    if not isinstance(transforms['ours'], FastTrainTransform):
         raise ValueError('the fast path does not apply to this configuration (see DATA.FAST_PIPELINE)')
     rows, lines = [], [f'data: {source}', f'load average at start: {os.getloadavg()[0]:.1f} '
                        f'on {os.cpu_count()} CPUs (shared machines: rely on the ratio)']
@@ -122,16 +129,24 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
                'timm_images_per_s_per_core': per_core['timm'], 'ours_images_per_s_per_core': per_core['ours'],
                'ratio': per_core['ours'] / per_core['timm'],
                'timm_images_per_s_per_worker_wall': wall['timm'], 'ours_images_per_s_per_worker_wall': wall['ours'],
-               'ratio_wall': wall['ours'] / wall['timm'], 'gpu_rate': gpu_rate, 'gpus': gpus,
+               'ratio_wall': wall['ours'] / wall['timm'],
+               'ours_cpu_training_images_per_s_per_core': per_core['ours_cpu_training'],
+               'ratio_cpu_training': per_core['ours_cpu_training'] / per_core['timm'],
+               'ours_gpu_decode_images_per_s_per_core': per_core['ours_gpu_decode'],
+               'ratio_gpu_decode': per_core['ours_gpu_decode'] / per_core['timm'],
+               'gpu_rate': gpu_rate, 'gpus': gpus,
                'timm_cores_needed': gpus * gpu_rate / per_core['timm'],
                'ours_cores_needed': gpus * gpu_rate / per_core['ours'],
-               'finish_ms_per_image_cpu': _finish_cost(loaders['ours']),
+               'finish_ms_per_image_cpu': _finish_cost(loaders['ours_cpu_training']),
                'load_average': os.getloadavg()[0]}
         rows.append(row)
         lines.append(f'{n} worker(s): timm {per_core["timm"]:.0f} images per CPU-second, ours '
                      f'{per_core["ours"]:.0f} ({row["ratio"]:.2f}x; by the wall clock {row["ratio_wall"]:.2f}x); '
                      f'cores for {gpus} GPUs at {gpu_rate:.0f} images/s each: timm '
                      f'{row["timm_cores_needed"]:.0f}, ours {row["ours_cores_needed"]:.0f}; '
+                     f'ours as run for CPU training {per_core["ours_cpu_training"]:.0f} '
+                     f'({row["ratio_cpu_training"]:.2f}x); with DATA.GPU_DECODE '
+                     f'{per_core["ours_gpu_decode"]:.0f} ({row["ratio_gpu_decode"]:.2f}x); '
                      f'load average {row["load_average"]:.1f}')
     files = [Path(p) for p, _ in RobustImageFolder(str(root)).samples][:psnr_images]
     psnr = {'recipe': _summary(psnr_against_timm(files, opts)),
@@ -143,7 +158,8 @@ def _run_pipeline(data_path, workers: List[int], rounds: int, batch_size: int, i
         lines.append(f'PSNR against timm, same draws, {v["images"]} images, {name}: min {v["min"]:.1f} dB, '
                      f'median {v["median"]:.1f}, mean {v["mean_capped_99"]:.1f} (identical images as 99)')
     lines.append(f'(ours leaves normalisation and random erasing to the training device: '
-                 f'{rows[-1]["finish_ms_per_image_cpu"]:.3f} ms per image when that device is this CPU)')
+                 f'{rows[-1]["finish_ms_per_image_cpu"]:.3f} ms per image when that device is this CPU; on a GPU '
+                 f'node, also the flip and RandAugment: benchmarks/gpu_check.sh times that)')
     return rows, lines
 
 
@@ -158,7 +174,7 @@ def psnr_against_timm(files: List[Path], opts: List[str]) -> List[float]:
     """PSNR (8-bit levels) of our training image against timm's for each file, the same seed for
     both, so the same crop, flip, RandAugment ops and erased boxes (with the same noise)."""
     config = cfg.load_config(None, opts)
-    reference, fast = build_transform(True, config), build_train_transform(config)
+    reference, fast = build_transform(True, config), build_train_transform(config, device_augment=True)
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1) * 255
     values = []
     for seed, path in enumerate(files):
