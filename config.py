@@ -53,6 +53,10 @@ _C.DATA.FAST_PIPELINE = True
 # (torchvision.io.decode_jpeg(device='cuda')), when no op in the loader worker needs their pixels;
 # the workers then only read headers and draw. Off by default (docs/classification.md).
 _C.DATA.GPU_DECODE = False
+# With FAST_PIPELINE: where the flip and RandAugment's ops are applied. 'auto': on the training GPU
+# when there is one (data/device_augment.py), else in the loader workers; 'worker': always in the
+# loader workers with Pillow (for a GPU that has no time to spare).
+_C.DATA.AUGMENT_ON = 'auto'
 
 # ---------------------------------------------------------------------------------------------------
 # Model

@@ -118,13 +118,20 @@ def build_train_transform(config, device_augment: Optional[bool] = None):
     """The training transform: data.fast_transform's when DATA.FAST_PIPELINE and the recipe has the
     shape it handles (a random resized crop of image files larger than SMALL_IMAGE), timm's otherwise.
     ``device_augment``: leave the flip and RandAugment's ops to the training
-    device (data.device_augment); by default when a GPU is there to train on."""
+    device (data.device_augment); by default (DATA.AUGMENT_ON 'auto') when a GPU is there to train on."""
     reference = build_transform(True, config)
+    where = config.DATA.AUGMENT_ON
+    if where not in ('auto', 'worker'):
+        raise UserError(f"DATA.AUGMENT_ON must be 'auto' (the training GPU when there is one) or 'worker'; "
+                        f'got {where!r}')
     if device_augment is None:
-        device_augment = torch.cuda.is_available()
+        device_augment = where == 'auto' and torch.cuda.is_available()
     gpu_decode = config.DATA.GPU_DECODE
     if gpu_decode and not torch.cuda.is_available():
         raise UserError('DATA.GPU_DECODE True needs a CUDA GPU to decode on; this machine has none')
+    if gpu_decode and where == 'worker':
+        raise UserError("DATA.GPU_DECODE True leaves the ops to the GPU; it cannot go with DATA.AUGMENT_ON "
+                        "'worker'")
     # The synthetic data set makes PIL images, not files.
     if config.DATA.FAST_PIPELINE and config.DATA.IMG_SIZE > SMALL_IMAGE and config.DATA.DATASET != 'fake':
         fast = fast_train_transform(reference, device_augment=device_augment, gpu_decode=gpu_decode)

@@ -241,3 +241,19 @@ def test_a_batch_of_colour_ops_with_their_own_arguments_gives_pillows_pixels(one
         for _, fn, args in ops:
             img = fn(img, *args)
         assert torch.equal(ours, _pixels(img))
+
+
+def test_augment_on_chooses_where_the_ops_run(monkeypatch):
+    """DATA.AUGMENT_ON auto leaves RandAugment to a GPU when there is one; worker keeps it in the loader
+    workers even then; any other value, and GPU decoding with ops kept in the workers, is one line."""
+    from data.device_augment import StagedRandAugment
+    from errors import UserError
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    on_gpu = build_train_transform(cfg.load_config(None, ['DATA.AUGMENT_ON', 'auto']))
+    in_worker = build_train_transform(cfg.load_config(None, ['DATA.AUGMENT_ON', 'worker']))
+    assert isinstance(on_gpu.pil_steps[-1], StagedRandAugment)
+    assert type(in_worker.pil_steps[-1]).__name__ == 'RandAugment' and not in_worker.all_staged
+    with pytest.raises(UserError, match="DATA.AUGMENT_ON must be 'auto'.*got 'gpu'"):
+        build_train_transform(cfg.load_config(None, ['DATA.AUGMENT_ON', 'gpu']))
+    with pytest.raises(UserError, match="cannot go with DATA.AUGMENT_ON 'worker'"):
+        build_train_transform(cfg.load_config(None, ['DATA.AUGMENT_ON', 'worker', 'DATA.GPU_DECODE', 'True']))
