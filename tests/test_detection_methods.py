@@ -458,3 +458,33 @@ def test_cost_rows_match_the_paper(tmp_path):
         r = rows[name]
         assert r['params_m'] == pytest.approx(r['paper_params_m'], rel=0.005), name
         assert r['gflops'] == pytest.approx(r['paper_gflops'], rel=0.02), name
+
+
+
+def test_a_pyramid_level_no_roi_reads_still_gets_a_gradient():
+    """Distributed training needs a gradient for every parameter at every step: a level that no RoI
+    reads joins the graph with a zero (the RoI features are unchanged)."""
+    from detection.cascade_rcnn import roi_features
+    torch.manual_seed(0)
+    feats = [torch.randn(1, 4, size, size, requires_grad=True) for size in (40, 20, 10, 5)]
+    rois = torch.tensor([[0., 2., 3., 20., 22.], [0., 30., 40., 70., 60.]])  # both on the finest level
+    out = roi_features(feats, rois, (4, 8, 16, 32), 7)
+    out.square().sum().backward()
+    assert [f.grad is not None for f in feats] == [True] * 4
+    assert feats[0].grad.abs().sum() > 0 and all(f.grad.abs().sum() == 0 for f in feats[1:])
+
+
+@pytest.mark.parametrize('seed', [1, 2])
+def test_every_sparse_rcnn_parameter_gets_a_gradient(seed):
+    """With these seeds the random proposals read no RoI from the coarsest (seed 1) or the finest
+    (seed 2) level; training still gives every parameter a gradient, as two ranks of torchrun need."""
+    config = load_config(str(ROOT / 'configs/detection/sparse_rcnn_focalnet_tiny_srf_3x.yaml'),
+                         [*SHRINK, *SPARSE_SHRINK, 'DETECTION.MIN_SIZE_TRAIN', '[160]'])
+    torch.manual_seed(seed)
+    model = build_detector(config, 3).train()
+    images = [torch.rand(3, 160, 160) for _ in range(2)]
+    boxes = torch.tensor([[10., 12., 26., 30.], [60., 70., 74., 82.]])
+    targets = [{'boxes': boxes, 'labels': torch.tensor([1, 2])} for _ in images]
+    sum(model(images, targets).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
