@@ -3,7 +3,11 @@ detections and losses (fixtures made by tests/mmref/make_mmdet_fixtures_detmore.
 of released checkpoints, learning from scratch on a synthetic COCO-layout set, the cost table. CPU only."""
 import json
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +492,29 @@ def test_every_sparse_rcnn_parameter_gets_a_gradient(seed):
     sum(model(images, targets).values()).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+@pytest.mark.parametrize('method', ['atss', 'cascade_mask_rcnn', 'sparse_rcnn'])
+def test_two_processes_train_the_method_as_torchrun_starts_them(method, coco_root, tmp_path):
+    """Two ranks (the environment torchrun gives each process) train one epoch and evaluate: the
+    gradients of every parameter are exchanged at every step, and rank 0 writes the records."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    argv = ['--cfg', f'configs/detection/{method}_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
+            '--output', str(tmp_path), '--batch-size', '2',
+            '--opts', *SHRINK, *SPARSE_SHRINK, 'TRAIN.EPOCHS', '1', 'DETECTION.LR_STEPS', '[]']
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+        env.update(OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, '-m', 'detection', *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    run = tmp_path / f'{method}_focalnet_tiny_srf_3x' / 'default'
+    (last,) = records(run)
+    assert last['epoch'] == 0 and math.isfinite(last['train_loss']) and 'bbox_ap' in last
+    assert (run / 'ckpt_epoch_0.pth').is_file() and (run / 'log_rank1.txt').is_file()
