@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import ROOT
+from tiny_runs import check_busy_folder_is_refused
 
 from config import load_config
 from detection.data import build_detection_loaders
@@ -504,28 +505,10 @@ def test_sigterm_mid_epoch_saves_and_the_rerun_ends_with_the_uninterrupted_weigh
 
 def test_a_second_run_on_a_folder_in_use_stops_and_leaves_it_untouched(coco_root, tmp_path):
     args = run_args(coco_root, tmp_path, *SHORT)
-    folder = tmp_path / RUN
     env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
     env.update(OMP_NUM_THREADS='1', FOCALNET_FAULT='hang@step=1')
-    first = subprocess.Popen([sys.executable, '-m', 'detection', *args], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not ((folder / 'log_rank0.txt').is_file() and 'Train:' in (folder / 'log_rank0.txt').read_text()):
-            assert time.time() < deadline and first.poll() is None
-            time.sleep(0.2)
-        before = {p.name: p.read_bytes() for p in folder.iterdir()}
-        second = detection(args, check=False, timeout=120)
-        assert second.returncode == 2
-        assert second.stderr.strip() == (
-            f'error: the output folder {folder} is in use by another run (host {socket.gethostname()}, '
-            f'pid {first.pid}, since {json.loads(before["run.lock"])["since"]}); stop that run, or give '
-            f'this one another --output or --tag')
-        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-        assert first.poll() is None  # the first run goes on
-    finally:
-        first.kill()
-        first.wait()
+    check_busy_folder_is_refused([sys.executable, '-m', 'detection', *args], env, tmp_path / RUN,
+                                 lambda: detection(args, check=False, timeout=120))
 
 
 def test_ranks_with_different_configs_stop_with_one_line(coco_root, tmp_path):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import (ROOT, STEPS_PER_EPOCH, assert_same_final_state, call_main, free_port, load,
-                       main_args, run_dir, run_main)
+from tiny_runs import (ROOT, STEPS_PER_EPOCH, assert_same_final_state, call_main, check_busy_folder_is_refused,
+                       free_port, load, main_args, run_dir, run_main)
 
 
 def metrics(folder: Path) -> list:
@@ -118,29 +118,12 @@ def test_a_second_run_on_a_folder_in_use_stops_and_leaves_it_untouched(tiny_cfg,
     args = main_args(tiny_cfg, tiny_data, tmp_path)
     folder = run_dir(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS='1', FOCALNET_FAULT='hang@step=1')
-    first = subprocess.Popen([sys.executable, 'main.py', *map(str, args)], cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(600):
-            if (folder / 'log_rank0.txt').is_file() and 'Train:' in (folder / 'log_rank0.txt').read_text():
-                break
-            time.sleep(0.2)
-        before = {p.name: p.read_bytes() for p in folder.iterdir()}
-        second = run_main(args, timeout=120)
-        assert second.returncode == 2
-        assert second.stderr.strip() == (
-            f'error: the output folder {folder} is in use by another run (host {socket.gethostname()}, '
-            f'pid {first.pid}, since {json.loads(before["run.lock"])["since"]}); stop that run, or give '
-            f'this one another --output or --tag')
-        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-        assert first.poll() is None  # the first run goes on
-    finally:
-        first.kill()
-        first.wait()
+    pid = check_busy_folder_is_refused([sys.executable, 'main.py', *map(str, args)], env, folder,
+                                       lambda: run_main(args, timeout=120))
     # The killed run left its lock; the next run takes it over, saying so, and trains.
     taken = run_main(args + ['--opts', 'TRAIN.EPOCHS', '1'])
     assert taken.returncode == 0, taken.stderr[-3000:]
-    assert f'took over the lock of a run that is gone (host {socket.gethostname()}, pid {first.pid}' \
+    assert f'took over the lock of a run that is gone (host {socket.gethostname()}, pid {pid}' \
         in (folder / 'log_rank0.txt').read_text()
 
 

@@ -1,12 +1,16 @@
 """Small real training runs shared by the reliability tests: a two-class image folder, a tiny model
 with every random part of the recipe on, main.py run in a fresh process or called in this one, and a
 comparison of final states to the last bit."""
+import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -116,3 +120,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+def check_busy_folder_is_refused(command: list, env: dict, folder: Path,
+                                 second_run: Callable[[], subprocess.CompletedProcess]) -> int:
+    """Start ``command`` (a training run told to hang at a step), wait for its first progress line in
+    ``folder``, then ``second_run`` on the same folder: it must stop with the lock's one line and touch
+    nothing, and the first run must go on. Returns the first run's pid (it is killed at the end)."""
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not ((folder / 'log_rank0.txt').is_file() and 'Train:' in (folder / 'log_rank0.txt').read_text()):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        second = second_run()
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f'error: the output folder {folder} is in use by another run (host {socket.gethostname()}, '
+            f'pid {first.pid}, since {json.loads(before["run.lock"])["since"]}); stop that run, or give '
+            f'this one another --output or --tag')
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()
+    return first.pid
