@@ -3,7 +3,6 @@ COCO-layout set made here, checkpoints and resume, the cost table, and user mist
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import ROOT
-from tiny_runs import check_busy_folder_is_refused
+from tiny_runs import check_busy_folder_is_refused, start_ranks
 
 from config import load_config
 from detection.data import build_detection_loaders
@@ -512,17 +511,8 @@ def test_a_second_run_on_a_folder_in_use_stops_and_leaves_it_untouched(coco_root
 
 
 def test_ranks_with_different_configs_stop_with_one_line(coco_root, tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = str(s.getsockname()[1])
-    procs = []
-    for rank in (0, 1):
-        env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
-        env.update(OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
-        argv = run_args(coco_root, tmp_path, 'TRAIN.EPOCHS', str(2 + rank), 'DETECTION.LR_STEPS', '[1]')
-        procs.append(subprocess.Popen([sys.executable, '-m', 'detection', *argv], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(lambda rank: [sys.executable, '-m', 'detection', *run_args(
+        coco_root, tmp_path, 'TRAIN.EPOCHS', str(2 + rank), 'DETECTION.LR_STEPS', '[1]')])
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2

@@ -3,10 +3,7 @@ detections and losses (fixtures made by tests/mmref/make_mmdet_fixtures_detmore.
 of released checkpoints, learning from scratch on a synthetic COCO-layout set, the cost table. CPU only."""
 import json
 import math
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from pycocotools.coco import COCO
 
 from conftest import ROOT, torch_threads
 from test_detection import detection, make_split, records
+from tiny_runs import start_ranks
 
 from config import load_config
 from detection.evaluation import coco_metrics, to_coco_results
@@ -498,19 +496,10 @@ def test_every_sparse_rcnn_parameter_gets_a_gradient(seed):
 def test_two_processes_train_the_method_as_torchrun_starts_them(method, coco_root, tmp_path):
     """Two ranks (the environment torchrun gives each process) train one epoch and evaluate: the
     gradients of every parameter are exchanged at every step, and rank 0 writes the records."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = str(s.getsockname()[1])
     argv = ['--cfg', f'configs/detection/{method}_focalnet_tiny_srf_3x.yaml', '--data-path', str(coco_root),
             '--output', str(tmp_path), '--batch-size', '2',
             '--opts', *SHRINK, *SPARSE_SHRINK, 'TRAIN.EPOCHS', '1', 'DETECTION.LR_STEPS', '[]']
-    procs = []
-    for rank in (0, 1):
-        env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
-        env.update(OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, '-m', 'detection', *argv], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(lambda rank: [sys.executable, '-m', 'detection', *argv])
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]

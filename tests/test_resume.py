@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_runs import (ROOT, STEPS_PER_EPOCH, assert_same_final_state, call_main, check_busy_folder_is_refused,
-                       free_port, load, main_args, run_dir, run_main)
+from tiny_runs import (STEPS_PER_EPOCH, assert_same_final_state, call_main, check_busy_folder_is_refused,
+                       free_port, load, main_args, run_dir, run_main, start_ranks)
 
 
 def metrics(folder: Path) -> list:
@@ -321,14 +321,8 @@ def test_launch_environment_and_ranks_with_different_configs(tiny_cfg, tiny_data
                   'with torchrun (which sets all four), or unset RANK and WORLD_SIZE to run one process\n'
     monkeypatch.undo()
     # Two processes of one job started with different commands: both stop at once, naming the key.
-    port = str(free_port())
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK=str(rank),
-                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
-        argv = main_args(tiny_cfg, tiny_data, tmp_path, 'TRAIN.EPOCHS', str(2 + rank))
-        procs.append(subprocess.Popen([sys.executable, 'main.py', *map(str, argv)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start_ranks(lambda rank: [sys.executable, 'main.py', *map(str, main_args(
+        tiny_cfg, tiny_data, tmp_path, 'TRAIN.EPOCHS', str(2 + rank)))])
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2

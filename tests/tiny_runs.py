@@ -116,7 +116,6 @@ def assert_same_final_state(resumed: Path, reference: Path):
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -146,3 +145,17 @@ def check_busy_folder_is_refused(command: list, env: dict, folder: Path,
         first.kill()
         first.wait()
     return first.pid
+
+
+def start_ranks(command: Callable[[int], list], world_size: int = 2) -> list:
+    """One process per rank, each with the environment torchrun gives it (one thread, no fault
+    injection); ``command(rank)`` is its command line. Returns the processes, output piped as text."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+        env.update(OMP_NUM_THREADS='1', RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        procs.append(subprocess.Popen(command(rank), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
