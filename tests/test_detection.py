@@ -2,10 +2,8 @@
 COCO-layout set made here, checkpoints and resume, the cost table, and user mistakes. CPU only."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import ROOT
-from tiny_runs import check_busy_folder_is_refused, start_ranks
+from tiny_runs import check_busy_folder_is_refused, sigterm_once_logged, start_ranks
 
 from config import load_config
 from detection.data import build_detection_loaders
@@ -473,18 +471,10 @@ SHORT = ['TRAIN.EPOCHS', '2', 'DETECTION.LR_STEPS', '[1]', 'DETECTION.TRAIN_SPLI
 def test_sigterm_mid_epoch_saves_and_the_rerun_ends_with_the_uninterrupted_weights(coco_root, tmp_path):
     detection(run_args(coco_root, tmp_path / 'straight', *SHORT))
     run_dir = tmp_path / 'stopped' / RUN
-    env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
-    env.update(PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([sys.executable, '-m', 'detection', *run_args(coco_root, tmp_path / 'stopped', *SHORT)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run_dir / 'log_rank0.txt'
-    deadline = time.time() + 300
-    while not (log.is_file() and 'Train: [0/2][1/5]' in log.read_text()) and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+    code, err = sigterm_once_logged(
+        [sys.executable, '-m', 'detection', *run_args(coco_root, tmp_path / 'stopped', *SHORT)], log, 'Train: [0/2][1/5]')
+    assert code == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
     (saved,) = run_dir.glob('ckpt_epoch_*.pth')
     assert 'stopped by SIGTERM at epoch 0 step' in err and saved.name.startswith('ckpt_epoch_0_step_'), err
     detection(run_args(coco_root, tmp_path / 'stopped', *SHORT))

@@ -4,10 +4,8 @@ transforms, inference modes, and ``python -m segmentation`` end to end on a synt
 import colorsys
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from segmentation.model import build_segmentor
 from segmentation.train import main
 from segmentation.transforms import (CatMaxRatioCrop, PhotoMetricDistortion, build_train_transform,
                                      rescale_size)
+from conftest import torch_threads
+from tiny_runs import sigterm_once_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CFG = str(ROOT / 'configs' / 'segmentation' / 'upernet_focalnet_tiny_srf_160k.yaml')
@@ -424,19 +424,13 @@ def same_checkpoints(a_path, b_path):
 def test_sigterm_saves_where_the_run_stands_and_the_rerun_continues(ade, tmp_path):
     args = ['--cfg', TINY_CFG, '--data-path', str(ade), *RESUME_ARGS, 'SEG.TRAIN.ITERS', '12',
             'SEG.TRAIN.SAVE_INTERVAL', '6', 'SEG.TRAIN.EVAL_INTERVAL', '12', 'PRINT_FREQ', '1']
-    assert main(['--output', str(tmp_path / 'straight'), *args]) == 0
+    with torch_threads(2):  # the stopped and resumed processes' count: the same arithmetic, to the bit
+        assert main(['--output', str(tmp_path / 'straight'), *args]) == 0
     run_dir = tmp_path / 'stopped' / 'upernet_focalnet_tiny_srf_160k' / 'default'
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
-    proc = subprocess.Popen([sys.executable, '-m', 'segmentation', '--output', str(tmp_path / 'stopped'), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run_dir / 'log_rank0.txt'
-    deadline = time.time() + 300
-    while not (log.is_file() and 'Train: [1/12]' in log.read_text()) and proc.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
+    code, err = sigterm_once_logged([sys.executable, '-m', 'segmentation', '--output', str(tmp_path / 'stopped'),
+                                     *args], log, 'Train: [1/12]', threads=2)
+    assert code == 143, err  # 128 + SIGTERM, as a scheduler expects of a pre-empted job
     (saved,) = run_dir.glob('ckpt_iter_*.pth')
     stopped_at = int(saved.stem.split('_')[-1])
     assert 2 <= stopped_at < 6 and f'stopped by SIGTERM at iteration {stopped_at}' in err

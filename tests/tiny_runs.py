@@ -5,12 +5,13 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Tuple
 
 import numpy as np
 import torch
@@ -159,3 +160,19 @@ def start_ranks(command: Callable[[int], list], world_size: int = 2) -> list:
         procs.append(subprocess.Popen(command(rank), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def sigterm_once_logged(command: list, log: Path, marker: str, threads: int = 1) -> Tuple[int, str]:
+    """Start ``command``, send it SIGTERM as soon as ``marker`` appears in its ``log`` file (as a
+    scheduler pre-empts a job) and wait for it. Returns its exit status and standard error."""
+    env = {k: v for k, v in os.environ.items() if k != 'FOCALNET_FAULT'}
+    env.update(PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while not (log.is_file() and marker in log.read_text()) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err
