@@ -3,6 +3,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,15 @@ def torch_threads(count: int):
 def fixture_threads():
     with torch_threads(FIXTURE_THREADS):
         yield
+
+
+@pytest.fixture(scope='module')
+def coco_root(tmp_path_factory) -> Path:
+    """The detection tests' synthetic COCO-layout set (tests/test_detection.py make_split): 64 training
+    and 24 validation images, one per test module."""
+    from test_detection import make_split
+    root = tmp_path_factory.mktemp('coco')
+    rng = np.random.default_rng(0)
+    make_split(root, 'train2017', 64, rng, 1000)
+    make_split(root, 'val2017', 24, rng, 50000)
+    return root

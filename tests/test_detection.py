@@ -126,15 +126,6 @@ def make_split(root: Path, split: str, n: int, rng, first_id: int):
         json.dumps({'images': images, 'annotations': anns, 'categories': CATEGORIES}))
 
 
-@pytest.fixture(scope='module')
-def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('coco')
-    rng = np.random.default_rng(0)
-    make_split(root, 'train2017', 64, rng, 1000)
-    make_split(root, 'val2017', 24, rng, 50000)
-    return root
-
-
 def config_for(root, *opts):
     return load_config(str(ROOT / CFG), [*SHRINK, 'DATA.DATA_PATH', str(root), 'DATA.NUM_WORKERS', '0', *opts])
 

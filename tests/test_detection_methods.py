@@ -13,7 +13,7 @@ import torch
 from pycocotools.coco import COCO
 
 from conftest import ROOT, torch_threads
-from test_detection import detection, make_split, records
+from test_detection import detection, records
 from tiny_runs import start_ranks
 
 from config import load_config
@@ -307,15 +307,6 @@ def test_eval_of_a_released_sparse_rcnn_checkpoint(coco_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- learning
-
-@pytest.fixture(scope='module')
-def coco_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('coco')
-    rng = np.random.default_rng(0)
-    make_split(root, 'train2017', 64, rng, 1000)
-    make_split(root, 'val2017', 24, rng, 50000)
-    return root
-
 
 # A shrunk detector on 128 px images, one --opts away from the release config.
 SHRINK = ['MODEL.FOCAL.EMBED_DIM', '16', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', 'MODEL.DROP_PATH_RATE', '0.0',
