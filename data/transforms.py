@@ -120,10 +120,7 @@ def build_train_transform(config, device_augment: Optional[bool] = None):
     ``device_augment``: leave the flip and RandAugment's ops to the training
     device (data.device_augment); by default (DATA.AUGMENT_ON 'auto') when a GPU is there to train on."""
     reference = build_transform(True, config)
-    where = config.DATA.AUGMENT_ON
-    if where not in ('auto', 'worker'):
-        raise UserError(f"DATA.AUGMENT_ON must be 'auto' (the training GPU when there is one) or 'worker'; "
-                        f'got {where!r}')
+    where = config.DATA.AUGMENT_ON  # 'auto' or 'worker' (engine/config_checks.py)
     if device_augment is None:
         device_augment = where == 'auto' and torch.cuda.is_available()
     gpu_decode = config.DATA.GPU_DECODE

@@ -92,6 +92,7 @@ RULES: Dict[str, Rule] = {
     'DATA.DATASET': _one_of('imagenet', 'folder', 'fake'),
     'DATA.IMG_SIZE': _IMAGE_SIDE,
     'DATA.INTERPOLATION': _one_of('bicubic', 'bilinear', 'nearest', 'lanczos', 'box', 'hamming', 'random'),
+    'DATA.AUGMENT_ON': _one_of('auto', 'worker'),
     'DATA.CACHE_MODE': _one_of('no', 'part', 'full'),
     'DATA.NUM_WORKERS': _at_least(0),
     'DATA.FAKE_SIZE': _at_least(1),
