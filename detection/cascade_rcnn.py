@@ -190,11 +190,11 @@ def roi_features(feats: Sequence[torch.Tensor], rois: torch.Tensor, strides: Seq
         if len(inds):
             out[inds] = roi_align(feats[lvl], rois[inds], (size, size), spatial_scale=1.0 / stride,
                                   sampling_ratio=sampling_ratio, aligned=True)
-        else:
+        elif torch.is_grad_enabled():
             # A level no RoI reads still joins the graph (with a zero): otherwise, when nothing else
             # reads it (Sparse R-CNN has no RPN), its FPN convolution gets no gradient in this step
             # and distributed training stops, its ranks waiting for a gradient that never comes.
-            out = out + feats[lvl].flatten()[0] * 0
+            out += feats[lvl].flatten()[0] * 0
     return out
 
 
