@@ -83,3 +83,9 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over all processes, each share divided before the sum (mmdetection's order,
+    which its loss normalisers follow)."""
+    return all_reduce_sum(values / get_world_size())

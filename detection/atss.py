@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from models.dense import FocalNetDense
+from utils import all_reduce_mean
 
 from .layers import (FPN, Batch, BatchDetector, ConvNormAct, ResizeNormalizePad, batched_nms, decode_deltas,
                      grid_anchors, square_anchor, to_original, valid_flags)
@@ -171,7 +172,7 @@ class ATSSHead(nn.Module):
 
         labels, label_weights, pos_parts = self.targets(anchors, sizes, batch)
         num_pos = sum(len(idx) for _, idx, _ in pos_parts)
-        avg_factor = float(_reduce_mean(torch.tensor(float(num_pos), device=anchors.device)))
+        avg_factor = float(all_reduce_mean(torch.tensor(float(num_pos), device=anchors.device)))
 
         onehot = F.one_hot(labels, K + 1)[..., :K].to(cls_all.dtype)
         focal = sigmoid_focal_loss(cls_all, onehot, self.focal_alpha, self.focal_gamma, reduction='none')
@@ -185,7 +186,7 @@ class ATSSHead(nn.Module):
             ctr_t = centerness_target(pos_anchors, targets)
             decoded = decode_deltas(pos_anchors, reg_all[img, idx], self.stds)
             giou = generalized_box_iou_loss(decoded, targets, reduction='none', eps=1e-6)
-            bbox_avg = _reduce_mean(ctr_t.sum().detach()).clamp(min=1).item()
+            bbox_avg = all_reduce_mean(ctr_t.sum().detach()).clamp(min=1).item()
             loss_bbox = self.giou_weight * (giou * ctr_t).sum() / (1.0 + EPS) / bbox_avg
             loss_ctr = F.binary_cross_entropy_with_logits(ctr_all[img, idx], ctr_t, reduction='sum') / (
                 avg_factor + EPS)
@@ -230,14 +231,6 @@ class ATSSHead(nn.Module):
             keep = batched_nms(boxes, scores, labels, self.nms_iou)[:self.max_per_img]
             results.append({'boxes': boxes[keep], 'scores': scores[keep], 'labels': labels[keep]})
         return results
-
-
-def _reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over processes (mmdetection normalises its losses by counts averaged this way)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        x = x.clone()
-        torch.distributed.all_reduce(x.div_(torch.distributed.get_world_size()))
-    return x
 
 
 # The released checkpoints' keys are this model's: one table, prefix for prefix.

@@ -29,8 +29,8 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from models.dense import FocalNetDense
+from utils import all_reduce_mean
 
-from .atss import _reduce_mean
 from .cascade_rcnn import roi_features, rois_of
 from .layers import FPN, Batch, BatchDetector, ResizeNormalizePad, decode_deltas
 
@@ -253,7 +253,7 @@ class SparseRoIHead(nn.Module):
             labels[i, rows] = batch.labels[i][cols]
             img.append(torch.full_like(rows, i)), prop.append(rows), targets.append(batch.boxes[i][cols])
         img, prop, targets = torch.cat(img), torch.cat(prop), torch.cat(targets)
-        num_pos = float(_reduce_mean(torch.tensor(float(len(prop)), device=cls.device)))
+        num_pos = float(all_reduce_mean(torch.tensor(float(len(prop)), device=cls.device)))
         # With no box in the whole batch mmdetection would divide by eps; one keeps the loss finite.
         avg = (num_pos if num_pos > 0 else 1.0) + EPS
         onehot = F.one_hot(labels, K + 1)[..., :K].to(cls.dtype)
