@@ -200,10 +200,27 @@ class StagedFlip:
         return staged
 
 
+def to_device(values, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A small tensor of host values on ``device``, copied without waiting for the device: made
+    on the host, then copied asynchronously (``torch.tensor(values, device='cuda')`` would wait for
+    every kernel already queued, stalling the training step)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host if device.type == 'cpu' else host.to(device, non_blocking=True)
+
+
 def apply_to_batch(pixels: torch.Tensor, ops: Sequence[List[DeviceOp]]) -> torch.Tensor:
     """``ops[i]`` applied in order to image i of an N x H x W x 3 uint8 batch, in place, on its
     device: the k-th ops of all images in turn, the images of a turn grouped by op, each group in
-    one batched call (a few kernels per group, not per image)."""
+    one batched call (a few kernels per group, not per image). Nothing here waits for the device:
+    the arguments go there asynchronously and no result is read back, so on a GPU the work queues
+    behind the training step's kernels."""
+    # The flip comes first when there is one (the recipe flips, then RandAugment): all flips at once,
+    # then the k-th op after it, so a flipped image's ops fall in the same turns as the others'.
+    flipped = [i for i, o in enumerate(ops) if o and o[0].name == FLIP]
+    if flipped:
+        index = to_device(flipped, pixels.device)
+        pixels[index] = pixels[index].flip(2)
+        ops = [o[1:] if o and o[0].name == FLIP else o for o in ops]
     for k in range(max((len(o) for o in ops), default=0)):
         groups = {}
         for i, o in enumerate(ops):
@@ -211,7 +228,7 @@ def apply_to_batch(pixels: torch.Tensor, ops: Sequence[List[DeviceOp]]) -> torch
                 key = 'affine' if o[k].affine is not None else o[k].name
                 groups.setdefault(key, []).append((i, o[k]))
         for key, members in groups.items():
-            index = torch.tensor([i for i, _ in members], device=pixels.device)
+            index = to_device([i for i, _ in members], pixels.device)
             chosen = [op for _, op in members]
             if key == 'affine':
                 pixels[index] = pillow_affine_batch(pixels[index], [op.affine for op in chosen])
@@ -244,29 +261,33 @@ def pillow_affine_batch(pixels: torch.Tensor, affines: Sequence[Affine]) -> torc
         out = torch.empty_like(pixels)
         for bicubic in (True, False):
             chosen = [i for i, a in enumerate(affines) if a.bicubic == bicubic]
-            index = torch.tensor(chosen, device=pixels.device)
+            index = to_device(chosen, pixels.device)
             out[index] = pillow_affine_batch(pixels[index], [affines[i] for i in chosen])
         return out
     device = pixels.device
     bicubic = affines[0].bicubic
-    m = torch.tensor([a.matrix for a in affines], dtype=torch.float64, device=device).view(n, 6, 1, 1).unbind(1)
+    m = to_device([a.matrix for a in affines], device, torch.float64).view(n, 6, 1, 1).unbind(1)
     ys = torch.arange(h, device=device, dtype=torch.float64).add_(0.5).view(1, h, 1)
     xs = torch.arange(w, device=device, dtype=torch.float64).add_(0.5).view(1, 1, w)
     xin = m[0] * xs + m[1] * ys + m[2]
     yin = m[3] * xs + m[4] * ys + m[5]
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
-    xin, yin = xin - 0.5, yin - 0.5
+    xin, yin = xin.sub_(0.5), yin.sub_(0.5)
     x0, y0 = xin.floor(), yin.floor()
     dx, dy = (xin - x0).unsqueeze(-1), (yin - y0).unsqueeze(-1)
-    taps, first = (4, -1) if bicubic else (2, 0)
-    image = (torch.arange(n, device=device) * (h * w)).view(n, 1, 1)
-    cols = [(x0 + (first + i)).clamp_(0, w - 1).long() for i in range(taps)]
-    rows = [(y0 + (first + j)).clamp_(0, h - 1).long() * w + image for j in range(taps)]
-    source = pixels.reshape(n * h * w, c).to(torch.float64)
+    first, taps = (-1, 4) if bicubic else (0, 2)
+    offsets = torch.arange(first, first + taps, device=device, dtype=torch.float64)
+    cols = (x0.unsqueeze(-1) + offsets).clamp_(0, w - 1).long()
+    rows = (y0.unsqueeze(-1) + offsets).clamp_(0, h - 1).long().mul_(w)
+    rows += (torch.arange(n, device=device) * (h * w)).view(n, 1, 1, 1)
+    # Every tap of every output pixel in one gather (N x H x W x row tap x column tap x C, 8-bit),
+    # then along the rows one source row at a time (double precision for a row's taps only).
+    gathered = pixels.reshape(n * h * w, c)[rows.unsqueeze(-1) + cols.unsqueeze(-2)]
     interpolate = _cubic if bicubic else _linear
-    values = interpolate([interpolate([source[row + col] for col in cols], dx) for row in rows], dy)
+    values = interpolate([interpolate(gathered[..., j, :, :].to(torch.float64).unbind(-2), dx)
+                          for j in range(taps)], dy)
     values = values.clamp_(0, 255).floor_().to(torch.uint8)
-    fill = torch.tensor([a.fill for a in affines], dtype=torch.uint8, device=device).view(n, 1, 1, c)
+    fill = to_device([a.fill for a in affines], device, torch.uint8).view(n, 1, 1, c)
     return torch.where(inside.unsqueeze(-1), values, fill)
 
 
@@ -287,7 +308,7 @@ def _linear(v, d):
 # data.transforms.release_posterize) compute their tables.
 def _column(values, device, dtype) -> torch.Tensor:
     """One value per image, shaped to broadcast over N x H x W x C."""
-    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
+    return to_device(values, device, dtype).view(-1, 1, 1, 1)
 
 
 def _apply_luts(pixels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -315,22 +336,30 @@ def _posterize(pixels, args):
 
 def _solarize(pixels, args):
     levels = _levels(pixels)
-    threshold = torch.tensor([a[0] for a in args], device=pixels.device).view(-1, 1)
+    threshold = to_device([a[0] for a in args], pixels.device).view(-1, 1)
     return _apply_luts(pixels, torch.where(levels < threshold, levels, 255 - levels))
 
 
 def _solarize_add(pixels, args):
     levels = _levels(pixels)
-    add = torch.tensor([a[0] for a in args], device=pixels.device).view(-1, 1)
-    threshold = torch.tensor([a[1] if len(a) > 1 else 128 for a in args], device=pixels.device).view(-1, 1)
+    add = to_device([a[0] for a in args], pixels.device).view(-1, 1)
+    threshold = to_device([a[1] if len(a) > 1 else 128 for a in args], pixels.device).view(-1, 1)
     return _apply_luts(pixels, torch.where(levels < threshold, (levels + add).clamp(max=255), levels))
+
+
+def _count(bins: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of 0..size-1 occurs in ``bins`` (as torch.bincount, which on a GPU first
+    reads the largest value back to the host, waiting for the device)."""
+    counts = torch.zeros(size, dtype=torch.int64, device=bins.device)
+    bins = bins.reshape(-1)
+    return counts.index_add_(0, bins, torch.ones((), dtype=torch.int64, device=bins.device).expand_as(bins))
 
 
 def _histograms(pixels: torch.Tensor) -> torch.Tensor:
     """N x C x 256 counts."""
     n, c = pixels.shape[0], pixels.shape[-1]
     base = (torch.arange(n * c, device=pixels.device) * 256).view(n, 1, 1, c)
-    return torch.bincount((pixels.long() + base).reshape(-1), minlength=256 * n * c).view(n, c, 256)
+    return _count(pixels.long() + base, 256 * n * c).view(n, c, 256)
 
 
 def _autocontrast(pixels, args):
@@ -386,7 +415,7 @@ def _contrast(pixels, args):
     # ImageStat's mean of the grey image, rounded as int(mean + 0.5).
     n = pixels.shape[0]
     grey = _grey(pixels).long() + (torch.arange(n, device=pixels.device) * 256).view(n, 1, 1)
-    hist = torch.bincount(grey.reshape(-1), minlength=256 * n).view(n, 256).to(torch.float64)
+    hist = _count(grey, 256 * n).view(n, 256).to(torch.float64)
     levels = torch.arange(256, device=pixels.device, dtype=torch.float64)
     mean = (hist * levels).sum(-1) / hist.sum(-1)
     return _blend((mean + 0.5).floor().view(n, 1, 1, 1).expand_as(pixels), pixels, args)
@@ -396,16 +425,14 @@ def _brightness(pixels, args):
     return _blend(torch.zeros_like(pixels), pixels, args)
 
 
-_SMOOTH_EDGE = torch.tensor(1 / 13, dtype=torch.float32)
-_SMOOTH_CENTRE = torch.tensor(5 / 13, dtype=torch.float32)
-
-
 def _sharpness(pixels, args):
     # ImageFilter.SMOOTH as Pillow's 3 x 3 filter sums it: the row below, the row, the row above,
     # each as (left + centre) + right, in single precision, then rounded; the border is copied.
     h, w = pixels.shape[1:3]
     f = pixels.float()
-    edge, centre = _SMOOTH_EDGE.to(pixels.device), _SMOOTH_CENTRE.to(pixels.device)
+    # The kernel's weights as single-precision scalars (made on the device: no copy to wait for).
+    edge = torch.full((), 1 / 13, dtype=torch.float32, device=pixels.device)
+    centre = torch.full((), 5 / 13, dtype=torch.float32, device=pixels.device)
 
     def row(rows, middle):
         return (f[:, rows, :w - 2] * edge + f[:, rows, 1:w - 1] * (centre if middle else edge)) + f[:, rows, 2:] * edge

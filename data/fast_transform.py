@@ -47,7 +47,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, ToNumpy
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .device_augment import DeviceOp, Staged, StagedFlip, StagedRandAugment, apply_to_batch
+from .device_augment import DeviceOp, Staged, StagedFlip, StagedRandAugment, apply_to_batch, to_device
 from .images import _orientation
 from .robust import CorruptImageError, decode_image
 
@@ -139,8 +139,8 @@ class RawBatch:
             apply_to_batch(pixels, self.ops)
         pixels = pixels.permute(0, 3, 1, 2).contiguous()
         # ToTensor then Normalize, in their order and precision: the same floats on the CPU.
-        mean = torch.tensor(self.finish.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.finish.std, device=device).view(1, -1, 1, 1)
+        mean = to_device(self.finish.mean, device).view(1, -1, 1, 1)
+        std = to_device(self.finish.std, device).view(1, -1, 1, 1)
         images = pixels.float().div_(255).sub_(mean).div_(std)
         for image, erasures in zip(images, self.erasures):
             if erasures is not None:
