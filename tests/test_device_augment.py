@@ -243,6 +243,26 @@ def test_a_batch_of_colour_ops_with_their_own_arguments_gives_pillows_pixels(one
         assert torch.equal(ours, _pixels(img))
 
 
+def test_flips_first_or_between_ops_keep_every_images_order(one_thread):
+    """The leading flips of a batch are done together before the ops' turns; a flip elsewhere in an
+    image's list stays in its place, and images without one are not moved."""
+    def flip(img):
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    images = [_photo(s).resize((64, 48)) for s in range(4)]
+    cases = [[(dev.FLIP, flip, ()), ('ShearX', auto_augment.shear_x, (0.2,))],
+             [('ShearX', auto_augment.shear_x, (0.2,)), (dev.FLIP, flip, ()), ('Invert', auto_augment.invert, ())],
+             [(dev.FLIP, flip, ())],
+             [('Equalize', auto_augment.equalize, ()), ('ShearX', auto_augment.shear_x, (-0.1,))]]
+    ops = [[dev.DeviceOp(name, args, dev.Affine(dev._MATRICES[name](*args, 64, 48), True, (0, 0, 0))
+                         if name in dev._MATRICES else None) for name, _, args in case] for case in cases]
+    out = dev.apply_to_batch(torch.stack([_pixels(img) for img in images]), ops)
+    for img, case, ours in zip(images, cases, out):
+        for name, fn, args in case:
+            img = fn(img, *args, fillcolor=(0, 0, 0), resample=Image.Resampling.BICUBIC) \
+                if name in dev._MATRICES else fn(img, *args)
+        assert torch.equal(ours, _pixels(img))
+
+
 def test_augment_on_chooses_where_the_ops_run(monkeypatch):
     """DATA.AUGMENT_ON auto leaves RandAugment to a GPU when there is one; worker keeps it in the loader
     workers even then; any other value, and GPU decoding with ops kept in the workers, is one line."""
