@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import faults
 from engine import Progress
+from engine.ahead import DeviceBatches
 from engine.epochs import EpochTrainer, after_step, begin_epoch, report_step
 from errors import UserError
 from logger import NAME as LOGGER_NAME
@@ -39,9 +40,8 @@ def train_one_epoch(t: ClassificationTrainer, loader, epoch: int, num_steps: int
     updates_per_epoch = math.ceil(num_steps / accumulation)
     first, totals, progress = begin_epoch(t, epoch, num_steps, resume,
                                           {'loss_sum': 0.0, 'norm_sum': 0.0, 'updates': 0})
-    for idx, (images, targets) in enumerate(loader, start=first):
-        images = images.to(t.device, non_blocking=True)
-        targets = targets.to(t.device, non_blocking=True)
+    batches = DeviceBatches(loader, t.device)  # the next batch is moved while the device computes
+    for idx, (images, targets) in enumerate(batches, start=first):
         if t.mixup is not None:
             images, targets = t.mixup(images, targets)
         faults.inject('step', epoch * num_steps + idx, get_rank())
@@ -50,7 +50,8 @@ def train_one_epoch(t: ClassificationTrainer, loader, epoch: int, num_steps: int
             t.scheduler.step_update(step)  # the rate of this optimizer step
         loss_value, grad_norm = t.optimizer_step(
             lambda: t.criterion(t.model(images), targets), idx, num_steps,
-            f'at epoch {epoch} step {idx}/{num_steps}; the newest checkpoint was written before it')
+            f'at epoch {epoch} step {idx}/{num_steps}; the newest checkpoint was written before it',
+            while_busy=batches.prepare_next)
         if grad_norm is not None:
             if t.ema is not None:
                 t.ema.update(t.model_without_ddp, step=step)

@@ -50,9 +50,12 @@ class OptimizerStep:
         return (index + 1) % self.accumulation == 0 or index + 1 == num_micro
 
     def __call__(self, compute_loss: Callable[[], torch.Tensor], index: int, num_micro: int,
-                 where: str) -> Tuple[float, Optional[torch.Tensor]]:
+                 where: str, while_busy: Optional[Callable[[], None]] = None) -> Tuple[float, Optional[torch.Tensor]]:
         """(loss averaged over processes, gradient norm or None when no update was made).
-        ``where`` ("at epoch 3 step 10/500; ...") ends the message of a stop."""
+        ``where`` ("at epoch 3 step 10/500; ...") ends the message of a stop. ``while_busy`` is called
+        once the backward pass is queued, before the step next waits for the device (the loop
+        prepares its next batch there: engine.ahead); the activations are free by then, so what
+        it allocates does not add to the step's peak memory."""
         last = self.ends_step(index, num_micro)
         sync = nullcontext() if last or not is_distributed() else self.model.no_sync()
         with sync:
@@ -64,6 +67,8 @@ class OptimizerStep:
             if not math.isfinite(loss_value):
                 raise TrainingStopped(f'the loss is {loss_value} {where}')
             self.scaler.scale(loss / self.accumulation).backward()
+        if while_busy is not None:
+            while_busy()  # the device is still running the backward pass
         if not last:
             return loss_value, None
         self.scaler.unscale_(self.optimizer)

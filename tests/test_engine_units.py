@@ -58,6 +58,66 @@ def test_a_non_finite_loss_stops_before_any_update():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_the_step_calls_while_busy_once_after_the_backward_pass_and_before_the_update():
+    from engine import OptimizerStep
+    model = _linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    step = OptimizerStep(model, model, optimizer, torch.amp.GradScaler('cpu', enabled=False), nullcontext)
+    events = []
+
+    def loss():
+        events.append('forward')
+        return model(torch.randn(2, 4)).sum()
+
+    before = _state(model)
+
+    def busy():
+        events.append(('busy', model.weight.grad is not None, torch.equal(model.weight, before['weight'])))
+    step(loss, 0, 1, 'at test', while_busy=busy)
+    assert events == ['forward', ('busy', True, True)]  # gradients there, the weights not yet updated
+    assert not torch.equal(model.weight, before['weight'])
+
+
+# ---------------------------------------------------------------------------------- batches one step ahead
+
+class _Loader:
+    """Batches (images, targets) numbered 0.., failing on the batches in ``fail``; counts fetches."""
+
+    def __init__(self, count: int, fail=()):
+        self.count, self.fail, self.fetched = count, set(fail), 0
+
+    def __iter__(self):
+        for i in range(self.count):
+            self.fetched += 1
+            if i in self.fail:
+                raise UserError(f'batch {i} is damaged')
+            yield torch.full((2, 3), float(i)), torch.tensor([i, i])
+
+
+def test_batches_one_step_ahead_are_the_loaders_in_order_on_the_device():
+    from engine.ahead import DeviceBatches
+    loader = _Loader(3)
+    batches = DeviceBatches(loader, torch.device('cpu'))
+    seen = []
+    for images, targets in batches:
+        seen.append(int(targets[0]))
+        assert images.device.type == 'cpu' and float(images[0, 0]) == seen[-1]
+        batches.prepare_next()
+        batches.prepare_next()  # a second call in the same step fetches nothing more
+        assert loader.fetched == min(len(seen) + 1, 3)
+    assert seen == [0, 1, 2]
+
+
+def test_an_error_fetching_the_next_batch_early_comes_when_that_batch_is_asked_for():
+    from engine.ahead import DeviceBatches
+    batches = DeviceBatches(_Loader(4, fail={2}), torch.device('cpu'))
+    assert int(next(batches)[1][0]) == 0
+    assert int(next(batches)[1][0]) == 1
+    batches.prepare_next()  # during step 1: batch 2 fails, but step 1 goes on
+    with pytest.raises(UserError, match='batch 2 is damaged'):
+        next(batches)
+
+
 # ---------------------------------------------------------------------------------- the lock
 
 def test_the_lock_refuses_a_second_holder_and_is_gone_after_the_run(tmp_path):
