@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 from timm.data import auto_augment
-from timm.data.constants import IMAGENET_DEFAULT_STD
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 import config as cfg
@@ -259,7 +260,13 @@ def test_the_training_loader_uses_the_fast_path_by_default(photo_folder, one_thr
     finished = images.to('cpu')
     assert finished.shape == (4, 3, 64, 64) and finished.dtype == torch.float32
     val_images, _ = next(iter(loaders.val))
-    assert val_images.dtype == torch.float32  # evaluation is unchanged
+    # Evaluation is the release's, pixel for pixel: the shorter side to 256/224 of the size
+    # (bicubic), the centre crop, ToTensor, Normalize, written out here with torchvision.
+    release = T.Compose([T.Resize(int(256 / 224 * 64), interpolation=T.InterpolationMode.BICUBIC),
+                         T.CenterCrop(64), T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    files = [path for path, _ in loaders.val.dataset.samples[:4]]
+    expected = torch.stack([release(Image.open(path).convert('RGB')) for path in files])
+    assert val_images.dtype == torch.float32 and torch.equal(val_images, expected)
     off = build_loader(cfg.load_config(None, options + ['DATA.FAST_PIPELINE', 'False']))
     images, _ = next(iter(off.train))
     assert isinstance(images, torch.Tensor) and images.dtype == torch.float32
