@@ -70,6 +70,32 @@ def pack(images, shapes, pads, scales, originals, **targets) -> Batch:
                  [tuple(o) for o in originals], **targets)
 
 
+def training_batch(fixture: dict, **targets) -> Batch:
+    """The fixture's training batch (both photographs, its fixed boxes and labels) as mmdetection
+    packed it: unscaled, the narrower image padded."""
+    t = fixture['train']
+    shapes = [m['img_shape'] for m in t['metas']]
+    return pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
+                boxes=[b.float() for b in t['boxes']], labels=list(t['labels']), **targets)
+
+
+def stage_losses(fixture: dict) -> dict:
+    """mmdetection's losses of a multi-stage head under our names: its s{i}.loss_{part} are our
+    loss_s{i}_{part}; its s{i}.acc accuracies are not losses."""
+    return {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v
+            for k, v in fixture['train']['losses'].items() if 'loss' in k}
+
+
+def check_losses_and_gradients(model, losses: dict, expected: dict, abs_tol=None):
+    """Each loss equals mmdetection's (relative 1e-5, and ``abs_tol`` for values near zero; None is
+    pytest's default), and their sum reaches every parameter."""
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=abs_tol), name
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def assert_same_detections(ours: dict, theirs: dict):
     """Labels equal, boxes within 1e-3 px, scores within 1e-5, in mmdetection's order."""
     assert len(ours['boxes']) == len(theirs['boxes']) > 20
@@ -104,21 +130,14 @@ def test_atss_training_step_gives_mmdetections_assignment_and_losses():
     fixture = load_fixture('atss')
     model = fixture_model('atss', fixture).train()
     t = fixture['train']
-    shapes = [m['img_shape'] for m in t['metas']]
-    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
-                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']))
+    batch = training_batch(fixture)
     head = model.bbox_head
     outs = head(model.features(batch.tensor))
     sizes = [tuple(c.shape[-2:]) for c in outs[0]]
     labels, _, pos = head.targets(torch.cat(head.anchors(sizes, 'cpu')), sizes, batch)
     assert torch.equal(labels, t['assignment'].long())
     assert 20 < sum(len(idx) for _, idx, _ in pos) < 200
-    losses = model.loss_batch(batch)
-    assert set(losses) == set(t['losses'])
-    for name, value in t['losses'].items():
-        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    check_losses_and_gradients(model, model.loss_batch(batch), t['losses'])
 
 
 def test_released_atss_loads_strictly_or_names_what_does_not_fit():
@@ -193,16 +212,8 @@ def test_cascade_mask_rcnn_training_step_gives_mmdetections_losses():
     t = fixture['train']
     shapes = [m['img_shape'] for m in t['metas']]
     masks = [torch.from_numpy(np.unpackbits(m.numpy(), axis=-1)[..., :s[1]]) for m, s in zip(t['masks'], shapes)]
-    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
-                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']), masks=masks)
-    losses = model.loss_batch(batch)
-    # mmdetection's s{i}.loss_{part} are our loss_s{i}_{part}; its accuracies are not losses.
-    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
-    assert set(losses) == set(expected)
-    for name, value in expected.items():
-        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    check_losses_and_gradients(model, model.loss_batch(training_batch(fixture, masks=masks)), stage_losses(fixture),
+                               abs_tol=1e-7)
 
 
 # ---------------------------------------------------------------------------------- Sparse R-CNN
@@ -252,9 +263,7 @@ def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(sparse
     fixture = load_fixture('sparse_rcnn')
     model = fixture_model('sparse_rcnn', fixture).train()
     t = fixture['train']
-    shapes = [m['img_shape'] for m in t['metas']]
-    batch = pack(fixture['images'], shapes, [m['pad_shape'] for m in t['metas']], [(1.0, 1.0)] * 2, shapes,
-                 boxes=[b.float() for b in t['boxes']], labels=list(t['labels']))
+    batch = training_batch(fixture)
     matches = []
 
     def recording(*args, **kwargs):
@@ -267,13 +276,9 @@ def test_sparse_rcnn_training_step_gives_mmdetections_matching_and_losses(sparse
         patch.setattr('detection.sparse_rcnn.hungarian_match', recording)
         losses = model.loss_batch(batch)
     assert torch.equal(torch.stack(matches).view(6, 2, -1), t['assignment'].long())
-    # mmdetection's s{i}.loss_{cls,bbox,iou} are our loss_s{i}_{cls,bbox,iou}; its accuracies are not losses.
-    expected = {re.sub(r'^s(\d)\.loss_(\w+)$', r'loss_s\1_\2', k): v for k, v in t['losses'].items() if 'loss' in k}
-    assert set(losses) == set(expected) and len(expected) == 18
-    for name, value in expected.items():
-        assert losses[name].item() == pytest.approx(value, rel=1e-5, abs=1e-7), name
-    sum(losses.values()).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    expected = stage_losses(fixture)  # loss_s{i}_{cls,bbox,iou} of 6 stages
+    assert len(expected) == 18
+    check_losses_and_gradients(model, losses, expected, abs_tol=1e-7)
 
 
 def test_released_sparse_rcnn_loads_strictly_or_names_what_does_not_fit():
