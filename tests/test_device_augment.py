@@ -84,20 +84,27 @@ def _encode(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def _same_draws_same_image(in_worker, other, seed: int):
+    """Both transforms on one photo from ``seed``: they leave the random generators in the same
+    state and give the same finished image. Returns both RawImages."""
+    data = _encode(_photo(seed, (250, 500)))
+    a = _seeded(seed, lambda: in_worker(data, 'x'))
+    state_a = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+    b = _seeded(seed, lambda: other(data, 'x'))
+    state_b = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+    assert state_a[0] == state_b[0] and state_a[1] == state_b[1] and torch.equal(state_a[2], state_b[2])
+    assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
+    return a, b
+
+
 def test_ops_left_to_the_device_give_the_same_images_from_the_same_draws(monkeypatch, one_thread):
     in_worker = build_train_transform(RECIPE, device_augment=False)
     on_device = build_train_transform(RECIPE, device_augment=True)
     left = []
     for seed in range(60):
-        data = _encode(_photo(seed, (250, 500)))
-        a = _seeded(seed, lambda: in_worker(data, 'x'))
-        state_a = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
-        b = _seeded(seed, lambda: on_device(data, 'x'))
-        state_b = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
-        assert a.ops == [] and state_a[0] == state_b[0] and state_a[1] == state_b[1]
-        assert torch.equal(state_a[2], state_b[2])
+        a, b = _same_draws_same_image(in_worker, on_device, seed)
+        assert a.ops == []
         left.extend(op.name for op in b.ops)
-        assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
     geometric = [n for n in left if n in dev._MATRICES]
     enhance = [n for n in left if n.startswith(('Color', 'Contrast', 'Brightness', 'Sharpness'))]
     assert len(geometric) >= 5 and len(enhance) >= 5 and dev.FLIP in left  # every kind went
@@ -167,15 +174,9 @@ def test_decoding_left_to_the_device_gives_the_worker_paths_images(one_thread):
     assert on_device.gpu_decode
     left_encoded = 0
     for seed in range(40):
-        data = _encode(_photo(seed, (250, 500)))
-        a = _seeded(seed, lambda: in_worker(data, 'x'))
-        state_a = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
-        b = _seeded(seed, lambda: on_device(data, 'x'))
-        state_b = random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
-        assert state_a[0] == state_b[0] and state_a[1] == state_b[1] and torch.equal(state_a[2], state_b[2])
+        _, b = _same_draws_same_image(in_worker, on_device, seed)
         left_encoded += b.encoded is not None
         assert (b.pixels is None) == (b.encoded is not None)
-        assert torch.equal(RawBatch.collate([a]).to('cpu'), RawBatch.collate([b]).to('cpu'))
     assert left_encoded >= 30  # nearly all: every RandAugment op can wait for the device
 
 
