@@ -491,11 +491,6 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float('inf') if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
-def _synchronize(device: torch.device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def check_pipeline(mode: dict, out: Path) -> dict:
     """Batches of real JPEGs (the bundled photos, 250-500 px) through the fast path three ways, same
     draws: every op in the loader worker; RandAugment's trailing ops left to the device; decoding left
@@ -510,6 +505,7 @@ def check_pipeline(mode: dict, out: Path) -> dict:
     from data.fast_transform import RawBatch, fast_train_transform
     from data.photos import write_photo_folder
     from data.transforms import build_transform
+    from tools.benchmark import sync
     device = mode['device']
     count = 32 if device.type == 'cpu' else 128
     root = write_photo_folder(out / 'pipeline_photos', count, seed=0, sizes=(250, 500))
@@ -538,12 +534,12 @@ def check_pipeline(mode: dict, out: Path) -> dict:
     finished, finish_ms, launch_ms = {}, {}, {}
     for name, batch in batches.items():
         finished[name] = batch.to(device, non_blocking=True)  # warm-up (kernels, nvJPEG handles)
-        _synchronize(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(3):
             finished[name] = batch.to(device, non_blocking=True)
         launch_ms[name] = (time.perf_counter() - start) * 1e3 / 3 / count
-        _synchronize(device)
+        sync(device)
         finish_ms[name] = (time.perf_counter() - start) * 1e3 / 3 / count
     if device.type == 'cuda':
         # The training process must not wait for the device while it queues the ops (the step's
@@ -555,7 +551,7 @@ def check_pipeline(mode: dict, out: Path) -> dict:
             raise CheckFailed(f'RawBatch.to waits for the GPU while applying the ops: {e}') from None
         finally:
             torch.cuda.set_sync_debug_mode('default')
-        _synchronize(device)
+        sync(device)
     left = sum(bool(ops) for ops in batches['ops_on_device'].ops)
     encoded = sum(e is not None for e in batches['decode_on_device'].encoded)
     if not torch.equal(finished['in_worker'], finished['ops_on_device']):
