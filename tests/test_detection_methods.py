@@ -70,6 +70,13 @@ def pack(images, shapes, pads, scales, originals, **targets) -> Batch:
                  [tuple(o) for o in originals], **targets)
 
 
+def predict(model, image: torch.Tensor, meta: dict) -> dict:
+    """Our detections for one of the fixture's resized photographs, packed as mmdetection packed it."""
+    batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
+    with torch.no_grad():
+        return model.predict_batch(batch)[0]
+
+
 def training_batch(fixture: dict, **targets) -> Batch:
     """The fixture's training batch (both photographs, its fixed boxes and labels) as mmdetection
     packed it: unscaled, the narrower image padded."""
@@ -117,9 +124,7 @@ def test_atss_gives_mmdetections_detections_on_photographs():
         assert model.transform.new_size(H, W, model.transform.test_size) == meta['img_shape']
         h, w = meta['img_shape']
         assert (w / W, h / H) == pytest.approx(meta['scale_factor'], abs=0)
-        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
-        with torch.no_grad():
-            ours = model.predict_batch(batch)[0]
+        ours = predict(model, image, meta)
         assert_same_detections(ours, theirs)
 
 
@@ -191,9 +196,7 @@ def test_cascade_mask_rcnn_gives_mmdetections_detections_and_masks_on_photograph
     fixture = load_fixture('cascade_mask_rcnn')
     model = fixture_model('cascade_mask_rcnn', fixture).eval()
     for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
-        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
-        with torch.no_grad():
-            ours = model.predict_batch(batch)[0]
+        ours = predict(model, image, meta)
         assert_same_detections(ours, theirs)
         masks = torch.from_numpy(mask_util.decode(theirs['masks'])).permute(2, 0, 1).bool()
         assert ours['masks'].shape == (len(masks), 1, *meta['ori_shape'])
@@ -249,9 +252,7 @@ def test_sparse_rcnn_gives_mmdetections_detections_on_photographs(sparse_threads
     fixture = load_fixture('sparse_rcnn')
     model = fixture_model('sparse_rcnn', fixture).eval()
     for image, meta, theirs in zip(fixture['images'], fixture['metas'], fixture['detections']):
-        batch = pack([image], [meta['img_shape']], [meta['pad_shape']], [meta['scale_factor']], [meta['ori_shape']])
-        with torch.no_grad():
-            ours = model.predict_batch(batch)[0]
+        ours = predict(model, image, meta)
         assert torch.equal(ours['scores'], ours['scores'].sort(descending=True)[0])
         match_detections(ours, theirs)
 
